@@ -1,0 +1,32 @@
+"""Adaptive-rank LoRA for Hugging Face PEFT.
+
+Importing this package registers ``AdaptiveLoraConfig``/``AdaptiveLoraModel`` with PEFT, so that
+``peft.get_peft_model(model, AdaptiveLoraConfig(...))`` works.
+"""
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import register_peft_method
+
+from .allocation import Allocation, allocate_ranks
+from .config import ADAPTIVE_PEFT_TYPE, AdaptiveLoraConfig
+from .model import AdaptiveLoraModel, AllocationReport
+from .resize import resize_factors, resize_lora_layer
+
+__version__ = "0.1.0"
+
+# register_peft_method refuses a second registration (KeyError), e.g. after importlib.reload.
+if ADAPTIVE_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    register_peft_method(
+        name="adaptive_lora", config_cls=AdaptiveLoraConfig, model_cls=AdaptiveLoraModel, prefix="lora_"
+    )
+
+__all__ = [
+    "ADAPTIVE_PEFT_TYPE",
+    "Allocation",
+    "AdaptiveLoraConfig",
+    "AdaptiveLoraModel",
+    "AllocationReport",
+    "allocate_ranks",
+    "resize_factors",
+    "resize_lora_layer",
+]

@@ -1,0 +1,166 @@
+"""``AdaptiveLoraConfig``: a ``LoraConfig`` with per-layer ranks chosen from warmup signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from peft import LoraConfig
+from peft.utils import CONFIG_NAME
+
+from ._peft_type import ensure_peft_type
+
+ADAPTIVE_PEFT_TYPE = ensure_peft_type()
+
+#: Sidecar written next to ``adapter_config.json`` when the adapter is saved as plain LoRA.
+ADAPTIVE_CONFIG_NAME = "adaptive_lora.json"
+
+
+@dataclass
+class AdaptiveLoraConfig(LoraConfig):
+    """Configuration for adaptive-rank LoRA.
+
+    Training starts as plain LoRA at rank ``r``. After ``warmup_steps`` optimizer steps every adapted module
+    gets a score ``grad_weight * G_i + delta_weight * W_i`` (gradient activity and weight change during the
+    warmup, see :mod:`peft_adaptive.signals`), and the parameter budget is re-split into integer ranks in
+    ``[min_r, max_r]`` proportional to ``score ** score_exponent``. All other fields are ``LoraConfig``'s.
+
+    ``grad_weight``/``delta_weight`` are called ``monitor_alpha``/``monitor_beta`` in the original write-up.
+    """
+
+    min_r: int = field(default=1, metadata={"help": "Smallest rank a module can get after reallocation (>= 1)."})
+    max_r: int | None = field(
+        default=None, metadata={"help": "Largest rank a module can get after reallocation (default: 4 * r)."}
+    )
+    param_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Total trainable adapter parameters (sum over modules of rank * (fan_in + fan_out)) after "
+            "reallocation. Default: what plain LoRA at rank r has on the same targets."
+        },
+    )
+    warmup_steps: int = field(
+        default=200, metadata={"help": "Optimizer steps of signal collection before the ranks are reallocated."}
+    )
+    grad_weight: float = field(default=1.0, metadata={"help": "Weight of the gradient-norm signal (>= 0)."})
+    delta_weight: float = field(default=0.0, metadata={"help": "Weight of the weight-delta signal (>= 0)."})
+    score_exponent: float = field(
+        default=1.0,
+        metadata={"help": "Ranks are proportional to score ** score_exponent (0: uniform; >1: sharper)."},
+    )
+    save_as_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "Save adapter_config.json as a plain LoRA config (peft_type LORA, exact per-module rank_pattern "
+            "and alpha_pattern) so that vanilla PEFT loads it; adaptive fields go to adaptive_lora.json."
+        },
+    )
+    reallocation_step: int | None = field(
+        default=None, metadata={"help": "Set by the plugin: optimizer step at which the ranks were reallocated."}
+    )
+    allocation: dict | None = field(
+        default=None, metadata={"help": "Set by the plugin: ranks, scores and signals of the last reallocation."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # LoraConfig.__post_init__ forces PeftType.LORA, so this has to come after it.
+        self.peft_type = ADAPTIVE_PEFT_TYPE
+        if self.max_r is None:
+            self.max_r = 4 * self.r
+        self._validate()
+
+    def _validate(self) -> None:
+        _require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "an integer >= 1")
+        _require(isinstance(self.min_r, int) and self.min_r >= 1, "min_r", self.min_r, "an integer >= 1")
+        _require(
+            isinstance(self.max_r, int) and self.max_r >= self.min_r,
+            "max_r",
+            self.max_r,
+            f"an integer >= min_r ({self.min_r})",
+        )
+        _require(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
+            "warmup_steps",
+            self.warmup_steps,
+            "an integer >= 1",
+        )
+        for name in ("grad_weight", "delta_weight", "score_exponent"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value >= 0, name, value, "a finite number >= 0")
+        if self.grad_weight == 0 and self.delta_weight == 0:
+            raise ValueError(
+                "grad_weight and delta_weight are both 0: at least one must be > 0 for the scores to mean anything"
+            )
+        if self.param_budget is not None:
+            _require(
+                isinstance(self.param_budget, int) and self.param_budget >= 1,
+                "param_budget",
+                self.param_budget,
+                "None (plain LoRA's count at rank r) or an integer >= 1",
+            )
+        if self.target_parameters:
+            raise ValueError(
+                "target_parameters is not supported by AdaptiveLoraConfig: parameter-wrapped (MoE) LoRA layers "
+                "cannot be resized; use target_modules"
+            )
+
+    # --- saving --------------------------------------------------------------------------------------
+
+    def adaptive_fields(self) -> dict[str, Any]:
+        """The fields this class adds to ``LoraConfig``."""
+        own = {f.name for f in fields(AdaptiveLoraConfig)} - {f.name for f in fields(LoraConfig)}
+        return {name: getattr(self, name) for name in sorted(own)}
+
+    def to_lora_dict(self) -> dict[str, Any]:
+        """This config as a plain ``LoraConfig`` dict that vanilla PEFT loads (``peft_type: LORA``)."""
+        data = self.to_dict()
+        for name in self.adaptive_fields():
+            data.pop(name)
+        data["peft_type"] = "LORA"
+        return data
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        if not self.save_as_lora:
+            return super().save_pretrained(save_directory, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_lora_dict()
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
+        _write_json(os.path.join(save_directory, CONFIG_NAME), data)
+        _write_json(os.path.join(save_directory, ADAPTIVE_CONFIG_NAME), self.adaptive_fields())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load an adaptive config, also from an adapter that was saved as plain LoRA with a sidecar."""
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        sidecar = os.path.join(directory, ADAPTIVE_CONFIG_NAME)
+        if not os.path.isfile(sidecar):
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            data = json.load(f)
+        with open(sidecar) as f:
+            data.update(json.load(f))
+        data.pop("peft_type", None)
+        data.pop("auto_mapping", None)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**data, **kwargs}.items() if k in known})
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"AdaptiveLoraConfig.{name} must be {allowed}, got {value!r}")

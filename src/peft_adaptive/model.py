@@ -1,0 +1,281 @@
+"""``AdaptiveLoraModel``: PEFT's ``LoraModel`` plus warmup signals and in-place rank reallocation."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from peft.tuners.lora import LoraLayer, LoraModel
+
+from .allocation import allocate_ranks
+from .config import AdaptiveLoraConfig
+from .optim import replace_optimizer_params
+from .resize import cost_per_rank, lora_factors, resize_lora_layer
+from .signals import SignalCollector, combine_scores
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AllocationReport:
+    """What one reallocation did, module by module (names as in the base model)."""
+
+    names: list[str]
+    ranks_before: list[int]
+    ranks_after: list[int]
+    scores: list[float]
+    grad_signal: list[float]
+    delta_signal: list[float]
+    signal_steps: int
+    budget: int
+    used: int
+    step: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable per-module table for logs."""
+        width = max([len(n) for n in self.names] + [6])
+        lines = [f"{'module':<{width}}  {'rank':>9}  {'score':>8}  {'grad_rms':>10}  {'delta_rms':>10}"]
+        for n, r0, r1, s, g, d in zip(
+            self.names, self.ranks_before, self.ranks_after, self.scores, self.grad_signal, self.delta_signal
+        ):
+            lines.append(f"{n:<{width}}  {r0:>3} -> {r1:<3}  {s:>8.4f}  {g:>10.3e}  {d:>10.3e}")
+        lines.append(f"adapter parameters: {self.used} used of a budget of {self.budget}")
+        return "\n".join(lines)
+
+
+def pattern_key(module_name: str) -> str:
+    """A ``rank_pattern``/``alpha_pattern`` key that matches exactly this module and no other.
+
+    PEFT treats the keys as regexes, tries them in (on-disk: sorted) order and takes the first match, so a
+    plain name could match a longer one (``.`` is a wildcard, and ``a.q`` matches ``x.a.q``).
+    """
+    return f"^{re.escape(module_name)}$"
+
+
+class AdaptiveLoraModel(LoraModel):
+    """LoRA whose per-module ranks are reallocated, in place, from warmup training signals.
+
+    Created by ``get_peft_model(model, AdaptiveLoraConfig(...))``. The layers are PEFT's own ``LoraLayer``s,
+    so everything that works on LoRA (merging, multiple adapters, saving) works here. The extra API:
+
+    * :meth:`start_signal_collection` / :meth:`record_gradients`: collect warmup signals (the
+      ``AdaptiveLoraCallback`` calls these for a ``Trainer``);
+    * :meth:`reallocate`: score, allocate and resize now, updating an optimizer if given;
+    * :meth:`resize_adapter`: resize to explicit ranks.
+    """
+
+    prefix: str = "lora_"
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs):
+        self._signal_collectors: dict[str, SignalCollector] = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if isinstance(config, AdaptiveLoraConfig) and not config.inference_mode:
+            self._check_budget(adapter_name)
+
+    # --- introspection -----------------------------------------------------------------------------
+
+    def adapted_modules(self, adapter_name: str | None = None) -> dict[str, LoraLayer]:
+        """LoRA layers that carry ``adapter_name``, keyed by their name in the base model."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, LoraLayer) and adapter_name in module.r
+        }
+
+    def ranks(self, adapter_name: str | None = None) -> dict[str, int]:
+        adapter_name = self._resolve_adapter(adapter_name)
+        return {name: layer.r[adapter_name] for name, layer in self.adapted_modules(adapter_name).items()}
+
+    def adapter_param_count(self, adapter_name: str | None = None) -> int:
+        """Rank-dependent trainable parameters of the adapter: ``sum(rank_i * (fan_in_i + fan_out_i))``."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        return sum(
+            layer.r[adapter_name] * cost_per_rank(layer, adapter_name)
+            for layer in self.adapted_modules(adapter_name).values()
+        )
+
+    def param_budget(self, adapter_name: str | None = None) -> int:
+        """The budget the reallocation must meet (``param_budget``, default: plain LoRA at rank ``r``)."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if getattr(config, "param_budget", None) is not None:
+            return config.param_budget
+        return config.r * sum(cost_per_rank(m, adapter_name) for m in self.adapted_modules(adapter_name).values())
+
+    # --- signals ------------------------------------------------------------------------------------
+
+    def start_signal_collection(self, adapter_name: str | None = None) -> SignalCollector:
+        """Snapshot the adapter (for the weight delta) and start accumulating gradient signals."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        collector = SignalCollector(self.adapted_modules(adapter_name), adapter_name)
+        self._signal_collectors[adapter_name] = collector
+        return collector
+
+    def record_gradients(self, adapter_name: str | None = None) -> None:
+        """Add the current gradients to the signals; call once per optimizer step, before ``zero_grad``."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        if adapter_name not in self._signal_collectors:
+            raise RuntimeError("call start_signal_collection() before record_gradients()")
+        self._signal_collectors[adapter_name].record_gradients()
+
+    # --- reallocation -------------------------------------------------------------------------------
+
+    def reallocate(
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        adapter_name: str | None = None,
+        step: int | None = None,
+        seed: int = 0,
+    ) -> AllocationReport:
+        """Score every module from the collected signals, allocate the budget and resize in place.
+
+        Args:
+            optimizer: if given, its parameter groups are updated to the new parameters (same slots, so
+                learning rates and weight decay are kept). Optimizer state is migrated where the old factors
+                survive verbatim (a grow: moments zero-padded, ``step`` kept) and reset where they are rotated
+                (a shrink), see :mod:`peft_adaptive.optim`. Without an optimizer, create one after this call.
+            adapter_name: the adapter to reallocate (default: the active one). Other adapters are untouched.
+            step: recorded in the config as ``reallocation_step``.
+            seed: seeds the random rows that growing layers get, so every process of a distributed run
+                makes the same model.
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        collector = self._signal_collectors.get(adapter_name)
+        if collector is None:
+            raise RuntimeError(
+                "no warmup signals were collected for adapter "
+                f"{adapter_name!r}: call start_signal_collection() and record_gradients() first"
+            )
+        config = self.peft_config[adapter_name]
+        signals = collector.signals()
+        scores = combine_scores(signals, config.grad_weight, config.delta_weight)
+        modules = self.adapted_modules(adapter_name)
+        allocation = allocate_ranks(
+            scores,
+            [cost_per_rank(modules[n], adapter_name) for n in signals.names],
+            self.param_budget(adapter_name),
+            config.min_r,
+            config.max_r,
+            config.score_exponent,
+        )
+        ranks = _same_on_every_process(dict(zip(signals.names, allocation.ranks)), modules)
+        ranks_before = [modules[n].r[adapter_name] for n in signals.names]
+        self.resize_adapter(ranks, adapter_name=adapter_name, optimizer=optimizer, seed=seed)
+        del self._signal_collectors[adapter_name]
+        report = AllocationReport(
+            names=signals.names,
+            ranks_before=ranks_before,
+            ranks_after=[ranks[n] for n in signals.names],
+            scores=scores,
+            grad_signal=signals.grad_rms,
+            delta_signal=signals.delta_rms,
+            signal_steps=signals.steps,
+            budget=allocation.budget,
+            used=self.adapter_param_count(adapter_name),
+            step=step,
+        )
+        config.reallocation_step = step
+        config.allocation = report.to_dict()
+        logger.info("Adaptive LoRA reallocation of adapter %r:\n%s", adapter_name, report.table())
+        return report
+
+    def resize_adapter(
+        self,
+        ranks: dict[str, int],
+        adapter_name: str | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Resize the named modules of ``adapter_name`` to the given ranks, keeping what they learned."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        modules = self.adapted_modules(adapter_name)
+        unknown = sorted(set(ranks) - set(modules))
+        if unknown:
+            raise KeyError(f"not adapted modules of adapter {adapter_name!r}: {unknown[:5]}")
+        generator = torch.Generator().manual_seed(seed)
+        replaced, kinds = {}, {}
+        for name in sorted(ranks):
+            kind, swaps = resize_lora_layer(modules[name], adapter_name, ranks[name], generator)
+            replaced.update(swaps)
+            kinds.update(dict.fromkeys(swaps, kind))
+        if optimizer is not None and replaced:
+            if replace_optimizer_params(optimizer, replaced, kinds) == 0:
+                raise ValueError("the optimizer holds none of the adapter's parameters: pass the one that trains it")
+        self._record_patterns(adapter_name)
+
+    def _record_patterns(self, adapter_name: str) -> None:
+        """Write one exact entry per module into ``rank_pattern``/``alpha_pattern`` so saves reload exactly."""
+        config = self.peft_config[adapter_name]
+        modules = self.adapted_modules(adapter_name)
+        config.rank_pattern = {pattern_key(n): m.r[adapter_name] for n, m in modules.items()}
+        config.alpha_pattern = {pattern_key(n): m.lora_alpha[adapter_name] for n, m in modules.items()}
+
+    def _check_budget(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        modules = self.adapted_modules(adapter_name)
+        for layer in modules.values():
+            lora_factors(layer, adapter_name)  # raises a clear error for layer types that cannot be resized
+        total_cost = sum(cost_per_rank(m, adapter_name) for m in modules.values())
+        budget = self.param_budget(adapter_name)
+        if config.min_r * total_cost > budget:
+            raise ValueError(
+                f"AdaptiveLoraConfig.param_budget={budget} is too small: giving every one of the {len(modules)} "
+                f"adapted modules min_r={config.min_r} already costs {config.min_r * total_cost} parameters "
+                f"(allowed: param_budget >= {config.min_r * total_cost}, or a smaller min_r)"
+            )
+
+    def _resolve_adapter(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            active = self.active_adapters
+            if len(active) != 1:
+                raise ValueError(f"several adapters are active ({active}); pass adapter_name")
+            adapter_name = active[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; known: {sorted(self.peft_config)}")
+        return adapter_name
+
+    # --- loading checkpoints whose ranks differ from the live model (Trainer resume) ----------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Resize live layers to the ranks found in ``state_dict`` before PEFT copies the weights in.
+
+        ``Trainer(resume_from_checkpoint=...)`` loads a checkpoint into the *existing* adapter; after a
+        reallocation the checkpoint's shapes differ from the freshly built model's.
+        """
+        tuner = model.base_model if hasattr(model, "base_model") else model
+        if isinstance(tuner, AdaptiveLoraModel):
+            saved = _saved_ranks(tuner, adapter_name, state_dict)
+            changed = {n: r for n, r in saved.items() if tuner.adapted_modules(adapter_name)[n].r[adapter_name] != r}
+            if changed:
+                tuner.resize_adapter(changed, adapter_name=adapter_name)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _saved_ranks(tuner: AdaptiveLoraModel, adapter_name: str, state_dict: dict) -> dict[str, int]:
+    ranks = {}
+    for name, layer in tuner.adapted_modules(adapter_name).items():
+        for prefix in ("base_model.model.", ""):
+            for key in (f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_embedding_A"):
+                if key in state_dict:
+                    ranks[name] = state_dict[key].shape[0]
+    return ranks
+
+
+def _same_on_every_process(ranks: dict[str, int], modules: dict) -> dict[str, int]:
+    """Under torch.distributed, take process 0's allocation so that every process resizes identically."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ranks
+    payload = [ranks]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    return payload[0]

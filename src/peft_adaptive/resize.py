@@ -1,0 +1,189 @@
+"""Resize LoRA factors in place while keeping what they learned.
+
+The maths works on plain matrices: ``A`` is ``[r, fan_in]`` and ``B`` is ``[fan_out, r]`` so that the
+learned update is ``B @ A`` (times the layer's scaling). :func:`resize_factors` is pure;
+:func:`resize_lora_layer` applies it to a PEFT ``LoraLayer`` (Linear incl. ``fan_in_fan_out``
+Conv1D, Embedding, Conv1d/2d/3d with ``groups == 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import layer as lora_layers
+from torch import nn
+
+
+class ResizeKind(str, Enum):
+    """How the factors changed; decides what happens to the optimizer state."""
+
+    UNCHANGED = "unchanged"
+    GROW = "grow"  # old factors kept verbatim, new rows/columns appended
+    SHRINK = "shrink"  # factors rotated into the truncated-SVD basis
+
+
+@dataclass
+class FactorResize:
+    A: torch.Tensor
+    B: torch.Tensor
+    kind: ResizeKind
+
+
+def resize_factors(
+    A: torch.Tensor, B: torch.Tensor, new_r: int, generator: torch.Generator | None = None
+) -> FactorResize:
+    """Return factors of rank ``new_r`` that keep the learned update ``B @ A``.
+
+    * Grow: ``B`` gets zero columns and ``A`` gets random rows (of the same RMS as the existing rows),
+      so ``B @ A`` is bit-identical and the new directions still receive gradient (zero rows in ``A``
+      *and* zero columns in ``B`` would never train).
+    * Shrink: the best rank-``new_r`` approximation of ``B @ A`` (Eckart-Young), from a QR of each factor
+      and an ``r x r`` SVD, never forming the ``fan_out x fan_in`` matrix. ``A`` gets orthonormal rows
+      scaled to the old row RMS and ``B`` carries the singular values: a symmetric ``sqrt(S)`` split would
+      make ``A`` zero whenever ``B`` is zero (an untrained adapter) and the layer could never train again.
+    """
+    r = A.shape[0]
+    if B.shape[1] != r:
+        raise ValueError(f"A is {tuple(A.shape)} and B is {tuple(B.shape)}: inner ranks differ")
+    if new_r < 1:
+        raise ValueError(f"new_r must be >= 1, got {new_r}")
+    if new_r == r:
+        return FactorResize(A, B, ResizeKind.UNCHANGED)
+    row_scale = A.float().pow(2).mean().sqrt()
+    if not row_scale > 0:
+        row_scale = torch.tensor(1.0 / math.sqrt(A.shape[1]), device=A.device)
+    if new_r > r:
+        extra = torch.randn(new_r - r, A.shape[1], generator=generator, device="cpu", dtype=torch.float32)
+        extra = (extra * row_scale.cpu()).to(device=A.device, dtype=A.dtype)
+        new_A = torch.cat([A, extra], dim=0)
+        new_B = torch.cat([B, B.new_zeros(B.shape[0], new_r - r)], dim=1)
+        return FactorResize(new_A, new_B, ResizeKind.GROW)
+
+    work = torch.float64 if A.device.type == "cpu" else torch.float32
+    q_b, r_b = torch.linalg.qr(B.to(work))  # B = Qb Rb
+    q_a, r_a = torch.linalg.qr(A.to(work).T)  # A^T = Qa Ra
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # B A = Qb (U S Vh) Qa^T
+    new_A = (vh[:new_r] @ q_a.T) * row_scale.to(work) * math.sqrt(A.shape[1])
+    new_B = (q_b @ u[:, :new_r]) * s[:new_r] / (row_scale.to(work) * math.sqrt(A.shape[1]))
+    return FactorResize(new_A.to(A.dtype), new_B.to(B.dtype), ResizeKind.SHRINK)
+
+
+def eckart_young_error(A: torch.Tensor, B: torch.Tensor, new_r: int) -> float:
+    """Frobenius norm of the part of ``B @ A`` that rank ``new_r`` cannot keep."""
+    s = torch.linalg.svdvals(B.double() @ A.double())
+    return float(s[new_r:].pow(2).sum().sqrt())
+
+
+# --- LoRA layers -----------------------------------------------------------------------------------
+
+
+def lora_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's ``(A, B)`` as 2-D matrices ``[r, fan_in]`` and ``[fan_out, r]`` (views, no copy)."""
+    _check_supported(layer, adapter)
+    if isinstance(layer, lora_layers.Embedding):
+        # forward is x -> embedding(x, A.T) @ B.T, i.e. delta weight (B @ A).T of shape [vocab, dim]
+        return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+    weight_A = layer.lora_A[adapter].weight
+    weight_B = layer.lora_B[adapter].weight
+    return weight_A.reshape(weight_A.shape[0], -1), weight_B.reshape(weight_B.shape[0], -1)
+
+
+def lora_parameters(layer: LoraLayer, adapter: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """The adapter's ``(A, B)`` parameter objects, in their layer shapes."""
+    _check_supported(layer, adapter)
+    if isinstance(layer, lora_layers.Embedding):
+        return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+
+
+def cost_per_rank(layer: LoraLayer, adapter: str) -> int:
+    """Trainable parameters that one rank costs in this layer (``fan_in + fan_out``)."""
+    A, B = lora_factors(layer, adapter)
+    return A.shape[1] + B.shape[0]
+
+
+def resize_lora_layer(
+    layer: LoraLayer, adapter: str, new_r: int, generator: torch.Generator | None = None
+) -> tuple[ResizeKind, dict[nn.Parameter, nn.Parameter]]:
+    """Resize one adapter of one LoRA layer to rank ``new_r``, keeping its learned update and scaling.
+
+    ``lora_alpha`` is rescaled so that ``scaling`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) is
+    unchanged: the output stays the same without rescaling ``B``, and every direction keeps the learning
+    rate it trained with. Returns the kind of resize and a map ``old parameter -> new parameter`` for
+    the optimizer.
+    """
+    A, B = lora_factors(layer, adapter)
+    with torch.no_grad():
+        result = resize_factors(A.detach(), B.detach(), new_r, generator)
+    if result.kind is ResizeKind.UNCHANGED:
+        return result.kind, {}
+    old = lora_parameters(layer, adapter)
+    new = _install_factors(layer, adapter, result.A, result.B)
+    scaling = layer.scaling[adapter]
+    layer.r[adapter] = new_r
+    layer.lora_alpha[adapter] = scaling * (math.sqrt(new_r) if layer.use_rslora.get(adapter) else new_r)
+    layer.scaling[adapter] = scaling
+    _clear_dora_cache(layer, adapter)
+    return result.kind, dict(zip(old, new))
+
+
+def _install_factors(
+    layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """Put new factor values in the layer as fresh Parameters (same dtype, device, requires_grad)."""
+    old_A, old_B = lora_parameters(layer, adapter)
+    new_r = A.shape[0]
+    if isinstance(layer, lora_layers.Embedding):
+        new_A = nn.Parameter(A.contiguous(), requires_grad=old_A.requires_grad)
+        new_B = nn.Parameter(B.contiguous(), requires_grad=old_B.requires_grad)
+        layer.lora_embedding_A[adapter] = new_A
+        layer.lora_embedding_B[adapter] = new_B
+        return new_A, new_B
+    module_A, module_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    new_A = nn.Parameter(A.reshape(new_r, *old_A.shape[1:]).contiguous(), requires_grad=old_A.requires_grad)
+    new_B = nn.Parameter(B.reshape(B.shape[0], new_r, *old_B.shape[2:]).contiguous(), requires_grad=old_B.requires_grad)
+    module_A.weight = new_A
+    module_B.weight = new_B
+    # keep the modules' metadata consistent with the new weights (repr, state_dict round trips)
+    if isinstance(module_A, nn.Linear):
+        module_A.out_features = new_r
+        module_B.in_features = new_r
+    else:  # convolutions
+        module_A.out_channels = new_r
+        module_B.in_channels = new_r
+    return new_A, new_B
+
+
+def _clear_dora_cache(layer: LoraLayer, adapter: str) -> None:
+    magnitude = getattr(layer, "lora_magnitude_vector", None)
+    if magnitude is not None and adapter in magnitude and hasattr(magnitude[adapter], "_cache_clear"):
+        magnitude[adapter]._cache_clear()
+
+
+def _is_linear_like(layer: LoraLayer, adapter: str) -> bool:
+    # Linear and every quantized backend (bnb, GPTQ, AWQ, ...) keep plain nn.Linear factors.
+    return (
+        not isinstance(layer, lora_layers.ParamWrapper)
+        and adapter in layer.lora_A
+        and type(layer.lora_A[adapter]) is nn.Linear
+        and type(layer.lora_B[adapter]) is nn.Linear
+    )
+
+
+def _check_supported(layer: LoraLayer, adapter: str) -> None:
+    if adapter not in layer.r:
+        raise KeyError(f"adapter {adapter!r} is not present in this layer (has {sorted(layer.r)})")
+    supported = isinstance(layer, (lora_layers.Embedding, lora_layers._ConvNd)) or _is_linear_like(layer, adapter)
+    if not supported:
+        raise TypeError(
+            f"cannot resize LoRA layer of type {type(layer).__name__}: supported types are "
+            "Linear (incl. transformers Conv1D and quantized Linear backends), Embedding and Conv1d/2d/3d"
+        )
+    if layer.merged:
+        raise RuntimeError("cannot resize a LoRA layer whose adapter is merged into the base weight; unmerge first")
+    if isinstance(layer, lora_layers._ConvNd) and layer.get_base_layer().groups != 1:
+        raise TypeError(f"cannot resize a grouped convolution (groups={layer.get_base_layer().groups}); use groups=1")

@@ -1,0 +1,120 @@
+"""Per-module warmup signals: gradient activity and weight change since initialisation.
+
+Both signals are made comparable across modules of different shapes by measuring them *per entry*
+(root mean square) instead of as raw Frobenius norms. A raw norm grows with the square root of the
+number of entries, so a 4096x11008 MLP projection would outscore a 4096x1024 key projection just by
+being bigger, and the allocation would reward size instead of need:
+
+* gradient signal ``G_i``: RMS of the gradient over the module's LoRA factors ``A`` and ``B``,
+  ``sqrt((|grad A|^2 + |grad B|^2) / (numel A + numel B))``, averaged over the optimizer steps of the
+  warmup (steps whose gradients are not finite, i.e. skipped fp16 steps, are left out);
+* delta signal ``W_i``: RMS of the change of the effective weight, ``|s B A - s0 B0 A0|_F / sqrt(fan_out * fan_in)``,
+  with ``s`` the LoRA scaling and ``B0 A0`` the factors when collection started (so it is also right for
+  non-zero initialisations such as PiSSA/OLoRA or ``init_lora_weights=False``). It is computed from the
+  factors in ``O((fan_in + fan_out) r^2)``, never forming the full matrix.
+
+Gradient norms are accumulated on the device with one fused ``_foreach_norm`` per step and no host
+synchronisation; values are only read back when the scores are requested.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+from .resize import lora_factors, lora_parameters
+
+
+@dataclass
+class ModuleSignals:
+    """Raw (un-normalised) warmup signals of each module, in module order."""
+
+    names: list[str]
+    grad_rms: list[float]
+    delta_rms: list[float]
+    steps: int
+
+
+class SignalCollector:
+    """Accumulates the warmup signals of one adapter over a set of LoRA layers."""
+
+    def __init__(self, layers: dict[str, LoraLayer], adapter: str):
+        self.names = list(layers)
+        self.layers = [layers[name] for name in self.names]
+        self.adapter = adapter
+        self._snapshot = [self._scaled_factors(layer) for layer in self.layers]
+        device = lora_factors(self.layers[0], adapter)[0].device if self.layers else torch.device("cpu")
+        self._grad_sum = torch.zeros(len(self.layers), dtype=torch.float32, device=device)
+        self._steps = torch.zeros((), dtype=torch.float32, device=device)
+        self._numel = torch.tensor(
+            [sum(p.numel() for p in lora_parameters(layer, adapter)) for layer in self.layers],
+            dtype=torch.float32,
+            device=device,
+        )
+
+    def _scaled_factors(self, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = lora_factors(layer, self.adapter)
+        return A.detach().float().clone(), B.detach().float().clone() * layer.scaling[self.adapter]
+
+    @torch.no_grad()
+    def record_gradients(self) -> None:
+        """Add this step's gradient RMS of every module; call when gradients are complete for the step."""
+        grads = []
+        for layer in self.layers:
+            for p in lora_parameters(layer, self.adapter):
+                grads.append(p.grad if p.grad is not None else torch.zeros((), device=self._grad_sum.device))
+        norms = torch.stack(torch._foreach_norm(grads)).float().view(len(self.layers), 2)
+        sq = norms.pow(2).sum(dim=1)
+        rms = (sq / self._numel).sqrt()
+        # one non-finite gradient means the step is skipped (fp16 overflow): add nothing for any module
+        finite = torch.isfinite(rms).all()
+        self._grad_sum += torch.where(finite, rms, torch.zeros_like(rms))
+        self._steps += finite.float()
+
+    @torch.no_grad()
+    def delta_rms(self) -> list[float]:
+        values = []
+        for layer, (A0, sB0) in zip(self.layers, self._snapshot):
+            A, B = lora_factors(layer, self.adapter)
+            sB = B.detach().float() * layer.scaling[self.adapter]
+            values.append(
+                _product_difference_norm(sB, A.detach().float(), sB0, A0) / math.sqrt(sB.shape[0] * A.shape[1])
+            )
+        return values
+
+    def signals(self) -> ModuleSignals:
+        steps = float(self._steps.item())
+        grad = (self._grad_sum / max(steps, 1.0)).tolist()
+        return ModuleSignals(names=list(self.names), grad_rms=grad, delta_rms=self.delta_rms(), steps=int(steps))
+
+
+def _product_difference_norm(B: torch.Tensor, A: torch.Tensor, B0: torch.Tensor, A0: torch.Tensor) -> float:
+    """``|B A - B0 A0|_F`` through the Gram matrices of the stacked factors (no ``fan_out x fan_in`` matrix)."""
+    if A.shape[1] != A0.shape[1] or B.shape[0] != B0.shape[0]:
+        raise ValueError("factor shapes do not describe the same weight")
+    U = torch.cat([B, -B0.to(B.device)], dim=1)  # [out, r + r0]
+    V = torch.cat([A, A0.to(A.device)], dim=0)  # [r + r0, in]
+    squared = ((U.T @ U) * (V @ V.T)).sum().clamp_min(0)
+    return float(squared.sqrt())
+
+
+def combine_scores(signals: ModuleSignals, grad_weight: float, delta_weight: float) -> list[float]:
+    """``s_i = grad_weight * G_i + delta_weight * W_i`` with each signal normalised to sum to one.
+
+    Normalising by the sum (not min-max) keeps the ratios between modules, so a module with twice the
+    activity gets twice the share, and the least active module is not pushed to zero. The two weights
+    then trade off the signals independently of their physical units.
+    """
+    return [
+        grad_weight * g + delta_weight * d for g, d in zip(_normalise(signals.grad_rms), _normalise(signals.delta_rms))
+    ]
+
+
+def _normalise(values: list[float]) -> list[float]:
+    total = sum(v for v in values if math.isfinite(v))
+    if total <= 0:
+        return [1.0 / len(values)] * len(values) if values else []
+    return [v / total if math.isfinite(v) else 0.0 for v in values]
