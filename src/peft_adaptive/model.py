@@ -264,7 +264,7 @@ class AdaptiveLoraModel(LoraModel):
 
 def _saved_ranks(tuner: AdaptiveLoraModel, adapter_name: str, state_dict: dict) -> dict[str, int]:
     ranks = {}
-    for name, layer in tuner.adapted_modules(adapter_name).items():
+    for name in tuner.adapted_modules(adapter_name):
         for prefix in ("base_model.model.", ""):
             for key in (f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_embedding_A"):
                 if key in state_dict:
