@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
 from .allocation import Allocation, allocate_ranks
+from .callback import AdaptiveLoraCallback
 from .config import ADAPTIVE_PEFT_TYPE, AdaptiveLoraConfig
 from .model import AdaptiveLoraModel, AllocationReport
 from .resize import resize_factors, resize_lora_layer
@@ -23,6 +24,7 @@ if ADAPTIVE_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
 __all__ = [
     "ADAPTIVE_PEFT_TYPE",
     "Allocation",
+    "AdaptiveLoraCallback",
     "AdaptiveLoraConfig",
     "AdaptiveLoraModel",
     "AllocationReport",

@@ -56,14 +56,16 @@ def allocate_ranks(
     n = len(scores)
     if len(cost_per_rank) != n:
         raise ValueError(f"scores and cost_per_rank must have the same length, got {n} and {len(cost_per_rank)}")
-    if not 1 <= min_r <= max_r:
-        raise ValueError(f"need 1 <= min_r <= max_r, got min_r={min_r}, max_r={max_r}")
+    if not (_is_whole(min_r) and _is_whole(max_r) and 1 <= min_r <= max_r):
+        raise ValueError(f"need integers 1 <= min_r <= max_r, got min_r={min_r}, max_r={max_r}")
+    if not _is_whole(budget):
+        raise ValueError(f"budget must be an integer, got budget={budget}")
     if exponent < 0 or not math.isfinite(exponent):
         raise ValueError(f"exponent must be a finite number >= 0, got {exponent}")
     for i, (s, c) in enumerate(zip(scores, cost_per_rank)):
         if not (math.isfinite(s) and s >= 0):
             raise ValueError(f"scores must be finite and >= 0, got scores[{i}]={s}")
-        if int(c) != c or c <= 0:
+        if not _is_whole(c) or c <= 0:
             raise ValueError(f"cost_per_rank must be positive integers, got cost_per_rank[{i}]={c}")
     floor_cost = min_r * sum(cost_per_rank)
     if floor_cost > budget:
@@ -90,7 +92,20 @@ def allocate_ranks(
 
 
 def _weights(scores: Sequence[float], exponent: float) -> list[float]:
-    """``score**exponent``, with all-zero scores treated as a uniform split."""
-    if exponent == 0 or not any(s > 0 for s in scores):
+    """``(score / max_score)**exponent``, with all-zero scores treated as a uniform split.
+
+    Dividing by the largest score first keeps every base in ``[0, 1]``, so the power neither overflows
+    nor underflows to all zeros for scores of extreme scale (only the ratios matter).
+    """
+    top = max(scores, default=0.0)
+    if exponent == 0 or not top > 0:
         return [1.0] * len(scores)
-    return [float(s) ** exponent for s in scores]
+    return [(float(s) / top) ** exponent for s in scores]
+
+
+def _is_whole(value: object) -> bool:
+    """A finite number with an integer value (``3`` or ``3.0``; not ``2.5``, NaN or infinity)."""
+    try:
+        return math.isfinite(value) and int(value) == value
+    except TypeError:
+        return False

@@ -186,7 +186,8 @@ class AdaptiveLoraModel(LoraModel):
         )
         config.reallocation_step = step
         config.allocation = report.to_dict()
-        logger.info("Adaptive LoRA reallocation of adapter %r:\n%s", adapter_name, report.table())
+        if _is_main_process():
+            logger.info("Adaptive LoRA reallocation of adapter %r at step %s:\n%s", adapter_name, step, report.table())
         return report
 
     def resize_adapter(
@@ -270,6 +271,12 @@ def _saved_ranks(tuner: AdaptiveLoraModel, adapter_name: str, state_dict: dict) 
                 if key in state_dict:
                     ranks[name] = state_dict[key].shape[0]
     return ranks
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
 
 
 def _same_on_every_process(ranks: dict[str, int], modules: dict) -> dict[str, int]:

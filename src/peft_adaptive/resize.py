@@ -57,19 +57,32 @@ def resize_factors(
     if not row_scale > 0:
         row_scale = torch.tensor(1.0 / math.sqrt(A.shape[1]), device=A.device)
     if new_r > r:
-        extra = torch.randn(new_r - r, A.shape[1], generator=generator, device="cpu", dtype=torch.float32)
-        extra = (extra * row_scale.cpu()).to(device=A.device, dtype=A.dtype)
-        new_A = torch.cat([A, extra], dim=0)
-        new_B = torch.cat([B, B.new_zeros(B.shape[0], new_r - r)], dim=1)
+        new_A, new_B = _append_directions(A, B, new_r, row_scale, generator)
         return FactorResize(new_A, new_B, ResizeKind.GROW)
 
     work = torch.float64 if A.device.type == "cpu" else torch.float32
     q_b, r_b = torch.linalg.qr(B.to(work))  # B = Qb Rb
     q_a, r_a = torch.linalg.qr(A.to(work).T)  # A^T = Qa Ra
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # B A = Qb (U S Vh) Qa^T
-    new_A = (vh[:new_r] @ q_a.T) * row_scale.to(work) * math.sqrt(A.shape[1])
-    new_B = (q_b @ u[:, :new_r]) * s[:new_r] / (row_scale.to(work) * math.sqrt(A.shape[1]))
-    return FactorResize(new_A.to(A.dtype), new_B.to(B.dtype), ResizeKind.SHRINK)
+    # B A has at most min(fan_out, fan_in, r) singular values; a narrow layer (e.g. a 2-label head) can
+    # have fewer than new_r, and the missing directions are then appended as in a grow.
+    keep = min(new_r, s.shape[0])
+    new_A = (vh[:keep] @ q_a.T) * row_scale.to(work) * math.sqrt(A.shape[1])
+    new_B = (q_b @ u[:, :keep]) * s[:keep] / (row_scale.to(work) * math.sqrt(A.shape[1]))
+    new_A, new_B = _append_directions(new_A.to(A.dtype), new_B.to(B.dtype), new_r, row_scale, generator)
+    return FactorResize(new_A, new_B, ResizeKind.SHRINK)
+
+
+def _append_directions(
+    A: torch.Tensor, B: torch.Tensor, new_r: int, row_scale: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to rank ``new_r`` with random rows in ``A`` (RMS ``row_scale``) and zero columns in ``B``."""
+    missing = new_r - A.shape[0]
+    if missing <= 0:
+        return A, B
+    extra = torch.randn(missing, A.shape[1], generator=generator, device="cpu", dtype=torch.float32)
+    extra = (extra * row_scale.cpu()).to(device=A.device, dtype=A.dtype)
+    return torch.cat([A, extra], dim=0), torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
 
 
 def eckart_young_error(A: torch.Tensor, B: torch.Tensor, new_r: int) -> float:
@@ -112,9 +125,9 @@ def resize_lora_layer(
     """Resize one adapter of one LoRA layer to rank ``new_r``, keeping its learned update and scaling.
 
     ``lora_alpha`` is rescaled so that ``scaling`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) is
-    unchanged: the output stays the same without rescaling ``B``, and every direction keeps the learning
-    rate it trained with. Returns the kind of resize and a map ``old parameter -> new parameter`` for
-    the optimizer.
+    unchanged (up to the last bit, see below): the output stays the same without rescaling ``B``, and
+    every direction keeps the learning rate it trained with. Returns the kind of resize and a map
+    ``old parameter -> new parameter`` for the optimizer.
     """
     A, B = lora_factors(layer, adapter)
     with torch.no_grad():
@@ -123,10 +136,13 @@ def resize_lora_layer(
         return result.kind, {}
     old = lora_parameters(layer, adapter)
     new = _install_factors(layer, adapter, result.A, result.B)
-    scaling = layer.scaling[adapter]
+    rslora = layer.use_rslora.get(adapter)
+    alpha = layer.scaling[adapter] * (math.sqrt(new_r) if rslora else new_r)
     layer.r[adapter] = new_r
-    layer.lora_alpha[adapter] = scaling * (math.sqrt(new_r) if layer.use_rslora.get(adapter) else new_r)
-    layer.scaling[adapter] = scaling
+    layer.lora_alpha[adapter] = alpha
+    # Recompute the scaling from (alpha, r) exactly as PEFT's update_layer does, so that an adapter reloaded
+    # from rank_pattern/alpha_pattern gets the very same float (``scaling * r / r`` can be off by one ulp).
+    layer.scaling[adapter] = alpha / math.sqrt(new_r) if rslora else alpha / new_r
     _clear_dora_cache(layer, adapter)
     return result.kind, dict(zip(old, new))
 

@@ -85,6 +85,23 @@ class SignalCollector:
             )
         return values
 
+    def state_dict(self) -> dict:
+        """Everything needed to continue collecting after a restart (saved in Trainer checkpoints)."""
+        return {
+            "names": list(self.names),
+            "grad_sum": self._grad_sum.cpu(),
+            "steps": self._steps.cpu(),
+            "snapshot": [(A0.cpu(), sB0.cpu()) for A0, sB0 in self._snapshot],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names:
+            raise ValueError("the saved warmup signals belong to a different set of adapted modules")
+        device = self._grad_sum.device
+        self._grad_sum = state["grad_sum"].to(device)
+        self._steps = state["steps"].to(device)
+        self._snapshot = [(A0.to(device), sB0.to(device)) for A0, sB0 in state["snapshot"]]
+
     def signals(self) -> ModuleSignals:
         steps = float(self._steps.item())
         grad = (self._grad_sum / max(steps, 1.0)).tolist()
@@ -95,8 +112,9 @@ def _product_difference_norm(B: torch.Tensor, A: torch.Tensor, B0: torch.Tensor,
     """``|B A - B0 A0|_F`` through the Gram matrices of the stacked factors (no ``fan_out x fan_in`` matrix)."""
     if A.shape[1] != A0.shape[1] or B.shape[0] != B0.shape[0]:
         raise ValueError("factor shapes do not describe the same weight")
-    U = torch.cat([B, -B0.to(B.device)], dim=1)  # [out, r + r0]
-    V = torch.cat([A, A0.to(A.device)], dim=0)  # [r + r0, in]
+    # float64: the Gram form subtracts nearly equal terms when the update is small next to B0 A0
+    U = torch.cat([B, -B0.to(B.device)], dim=1).double()  # [out, r + r0]
+    V = torch.cat([A, A0.to(A.device)], dim=0).double()  # [r + r0, in]
     squared = ((U.T @ U) * (V @ V.T)).sum().clamp_min(0)
     return float(squared.sqrt())
 

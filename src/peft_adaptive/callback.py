@@ -1,0 +1,259 @@
+"""``AdaptiveLoraCallback``: adaptive ranks for an existing ``transformers.Trainer`` script, in one line.
+
+Timeline inside ``Trainer``'s loop (transformers 5.x):
+
+* ``on_train_begin``: checks the setup, snapshots the adapter (for the weight delta) and starts the
+  gradient signals; on resume it restores them from the checkpoint, or notes that the reallocation
+  already happened.
+* ``on_pre_optimizer_step``: reads the gradients once per optimizer step, when they are complete for
+  the step: accumulated over all micro-batches, all-reduced under DDP, unscaled under fp16 and clipped.
+  A step whose gradients are not finite (skipped by the fp16 scaler) adds nothing.
+* ``on_step_end`` of step ``warmup_steps``: reallocates the ranks in place and updates the optimizer.
+  This is between two optimizer steps, never inside a gradient-accumulation window.
+* ``on_save``: stores the callback's state beside each checkpoint, so a resume never reallocates twice
+  and a resume during warmup keeps the signals gathered so far.
+
+``Trainer`` does not pass itself to callbacks. The callback needs it for two things that the callback
+arguments cannot do: logging the allocation through ``Trainer.log`` (so TensorBoard/W&B see it) and
+re-initialising the DDP wrapper over the resized parameters. It finds it by walking up the call stack
+to the ``Trainer`` method that fired the event (see :func:`_calling_instance`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .model import AdaptiveLoraModel, AllocationReport
+
+logger = logging.getLogger(__name__)
+
+#: File written into each checkpoint folder with the callback's state.
+CALLBACK_STATE_NAME = "adaptive_lora_state.pt"
+
+
+class AdaptiveLoraCallback(TrainerCallback):
+    """Collect warmup signals and reallocate LoRA ranks once, in place, during ``Trainer.train()``.
+
+    Args:
+        adapter_name: the adapter to reallocate (default: the model's active adapter).
+        allow_plain_lora: when the run is not longer than ``warmup_steps``, train it as plain LoRA
+            (with a warning) instead of raising.
+    """
+
+    def __init__(self, adapter_name: str | None = None, allow_plain_lora: bool = False):
+        self.adapter_name = adapter_name
+        self.allow_plain_lora = allow_plain_lora
+        self.reallocation_step: int | None = None
+        self.report: AllocationReport | None = None
+        self._tuner: AdaptiveLoraModel | None = None
+        self._trainer: Trainer | None = None
+        self._collecting = False
+
+    # --- events --------------------------------------------------------------------------------------
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        _refuse_duplicates(self)
+        if kwargs.get("model") is not None:
+            self._tuner = _adaptive_tuner(kwargs["model"])
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        _refuse_duplicates(self)
+        self._trainer = _calling_instance(Trainer)
+        self._tuner = _adaptive_tuner(kwargs["model"])
+        self.adapter_name = self._tuner._resolve_adapter(self.adapter_name)
+        _refuse_sharded_backends(self._trainer, args)
+        warmup = self.config.warmup_steps
+        resumed = self._restore(args, state)
+        if self.reallocation_step is not None or state.global_step >= warmup:
+            self._collecting = False
+            return
+        if state.max_steps <= warmup:
+            message = (
+                f"AdaptiveLoraConfig.warmup_steps={warmup} is not shorter than the run (max_steps={state.max_steps}): "
+                "the ranks would never be reallocated"
+            )
+            if not self.allow_plain_lora:
+                raise ValueError(
+                    message + ". Lower warmup_steps, or pass AdaptiveLoraCallback(allow_plain_lora=True) "
+                    "to train as plain LoRA."
+                )
+            warnings.warn(message + "; training as plain LoRA (allow_plain_lora=True).", stacklevel=2)
+            return
+        if not resumed:
+            self._tuner.start_signal_collection(self.adapter_name)
+        self._collecting = True
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._collecting:
+            self._tuner.record_gradients(self.adapter_name)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not self._collecting or state.global_step < self.config.warmup_steps:
+            return
+        self._collecting = False
+        optimizer = kwargs.get("optimizer")
+        report = self._tuner.reallocate(
+            optimizer, adapter_name=self.adapter_name, step=state.global_step, seed=args.seed + state.global_step
+        )
+        _rewrap_distributed(self._trainer)
+        self.report = report
+        self.reallocation_step = state.global_step
+        self._log(report, state)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not state.is_world_process_zero or self._tuner is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        payload: dict[str, Any] = {"reallocation_step": self.reallocation_step}
+        collector = self._tuner._signal_collectors.get(self.adapter_name) if self._collecting else None
+        if collector is not None:
+            payload["signals"] = collector.state_dict()
+        torch.save(payload, os.path.join(folder, CALLBACK_STATE_NAME))
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self._tuner.peft_config[self.adapter_name]
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> bool:
+        """Restore signals/flags from the checkpoint being resumed; True if signals were restored."""
+        if state.global_step == 0:
+            return False
+        checkpoint = _resumed_checkpoint() or os.path.join(
+            args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        )
+        path = os.path.join(checkpoint, CALLBACK_STATE_NAME)
+        if not os.path.isfile(path):
+            if state.global_step < self.config.warmup_steps:
+                warnings.warn(
+                    f"resuming during warmup without {CALLBACK_STATE_NAME} in {checkpoint}: the warmup signals "
+                    "restart from this step",
+                    stacklevel=3,
+                )
+            return False
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        self.reallocation_step = payload.get("reallocation_step")
+        if self.reallocation_step is None and "signals" in payload:
+            collector = self._tuner.start_signal_collection(self.adapter_name)
+            collector.load_state_dict(payload["signals"])
+            return True
+        return False
+
+    def _log(self, report: AllocationReport, state: TrainerState) -> None:
+        logs: dict[str, float] = {
+            "adaptive_lora/budget": report.budget,
+            "adaptive_lora/params_used": report.used,
+            "adaptive_lora/signal_steps": report.signal_steps,
+        }
+        for name, rank, score in zip(report.names, report.ranks_after, report.scores):
+            logs[f"adaptive_lora/rank/{name}"] = rank
+            logs[f"adaptive_lora/score/{name}"] = score
+        # the per-module table itself is logged by AdaptiveLoraModel.reallocate
+        if self._trainer is not None:
+            self._trainer.log(logs)
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
+
+
+def _adaptive_tuner(model: torch.nn.Module) -> AdaptiveLoraModel:
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, AdaptiveLoraModel):
+        raise TypeError(
+            "AdaptiveLoraCallback needs a model made by peft.get_peft_model(model, AdaptiveLoraConfig(...)); "
+            f"got {type(model).__name__} whose base_model is {type(tuner).__name__}"
+        )
+    return tuner
+
+
+def _calling_instance(cls: type) -> Any:
+    """The nearest ``self`` of type ``cls`` up the call stack (the Trainer that fired this event), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, cls):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _resumed_checkpoint() -> str | None:
+    """The ``resume_from_checkpoint`` folder of the running ``Trainer.train`` call, if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        value = frame.f_locals.get("resume_from_checkpoint")
+        if isinstance(frame.f_locals.get("self"), Trainer) and isinstance(value, str):
+            return value
+        frame = frame.f_back
+    return None
+
+
+def _refuse_duplicates(callback: AdaptiveLoraCallback) -> None:
+    handler = _calling_instance(CallbackHandler)
+    if handler is None:
+        return
+    count = sum(isinstance(cb, AdaptiveLoraCallback) for cb in handler.callbacks)
+    if count > 1:
+        raise ValueError(
+            f"AdaptiveLoraCallback was added {count} times to this Trainer; add it once (each copy would "
+            "reallocate the ranks again)"
+        )
+
+
+def _refuse_sharded_backends(trainer: Trainer | None, args: TrainingArguments) -> None:
+    fsdp = bool(getattr(args, "fsdp", None)) or bool(trainer is not None and getattr(trainer, "is_fsdp_enabled", False))
+    deepspeed = bool(getattr(args, "deepspeed", None)) or bool(
+        trainer is not None and getattr(trainer, "is_deepspeed_enabled", False)
+    )
+    if fsdp or deepspeed:
+        backend = "FSDP" if fsdp else "DeepSpeed"
+        raise RuntimeError(
+            f"AdaptiveLoraCallback does not support {backend}: it shards parameters and owns the optimizer, so "
+            "adapters cannot be resized in place. Supported alternative: a two-phase run. Phase 1: train the warmup "
+            "with DDP (torchrun/accelerate without FSDP/DeepSpeed) or one device, with AdaptiveLoraCallback and "
+            "max_steps=warmup_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
+            f"load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue under {backend} "
+            "with a fresh Trainer, without the callback."
+        )
+
+
+def _rewrap_distributed(trainer: Trainer | None) -> None:
+    """Re-initialise the DDP wrapper in place so that it all-reduces the new parameters.
+
+    DDP registers its gradient hooks and buckets per Parameter object when it is built. After a resize the
+    new Parameters have no hook: under ``find_unused_parameters=True`` (what Trainer uses for PEFT models) they
+    silently stop being synchronised and the processes drift apart. The training loop holds the wrapper in
+    a local variable, so it is re-initialised in place rather than replaced. Its constructor broadcasts
+    process 0's parameters, so every process continues from identical weights.
+    """
+    if trainer is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise RuntimeError("cannot find the Trainer to re-initialise its DDP wrapper after the reallocation")
+        return
+    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # torch.compile
+    if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return
+    kwargs = {
+        "device_ids": wrapped.device_ids,
+        "output_device": wrapped.output_device,
+        "dim": wrapped.dim,
+        "broadcast_buffers": wrapped.broadcast_buffers,
+        "process_group": wrapped.process_group,
+        "bucket_cap_mb": wrapped.bucket_bytes_cap / (1024 * 1024),
+        "find_unused_parameters": wrapped.find_unused_parameters,
+        "gradient_as_bucket_view": wrapped.gradient_as_bucket_view,
+        "static_graph": wrapped.static_graph,
+    }
+    module = wrapped.module
+    torch.nn.parallel.DistributedDataParallel.__init__(wrapped, module, **kwargs)

@@ -1,0 +1,353 @@
+"""``AdaptiveLoraModel`` end to end on tiny BERT, Llama and GPT-2: budget, reallocation, optimizer, training."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.lora import LoraModel
+from peft.utils.peft_types import PeftType
+
+import peft_adaptive
+from peft_adaptive import AdaptiveLoraConfig, AdaptiveLoraModel
+from peft_adaptive.resize import cost_per_rank
+
+from .tiny_models import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+
+MODELS = {
+    # name -> (factory, target modules, task type)
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM"),
+    "bert": (tiny_bert, ["query", "key", "value", "dense"], "SEQ_CLS"),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], "CAUSAL_LM"),
+}
+R = 4
+WARMUP = 4
+AFTER = 14
+
+
+def make_batch(name: str) -> dict[str, torch.Tensor]:
+    data = TokenDataset(n=16, length=12, seed=1, classification=name == "bert")
+    items = [data[i] for i in range(len(data))]
+    return {
+        "input_ids": torch.stack([item["input_ids"] for item in items]),
+        "labels": torch.stack([torch.as_tensor(item["labels"]) for item in items]),
+    }
+
+
+def adaptive_model(name: str, **config_kwargs) -> PeftModel:
+    factory, targets, task = MODELS[name]
+    config_kwargs.setdefault("r", R)
+    config = AdaptiveLoraConfig(
+        target_modules=targets, task_type=task, lora_dropout=0.0, warmup_steps=WARMUP, **config_kwargs
+    )
+    return get_peft_model(factory(), config)
+
+
+def trainable_ids(model: torch.nn.Module) -> set[int]:
+    return {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def optimizer_ids(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for group in optimizer.param_groups for p in group["params"]]
+
+
+def state_shapes_match(optimizer: torch.optim.Optimizer) -> bool:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in optimizer.state.get(p, {}) and optimizer.state[p][key].shape != p.shape:
+                    return False
+    return True
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def run(request):
+    """Warmup with signals, reallocate with the optimizer, keep training; record everything on the way."""
+    name = request.param
+    torch.manual_seed(0)
+    model = adaptive_model(name, max_r=12)
+    tuner = model.base_model
+    batch = make_batch(name)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = {"name": name, "model": model, "tuner": tuner, "optimizer": optimizer, "warmup_losses": []}
+
+    def step(losses, record: bool = False):
+        loss = model(**batch).loss
+        loss.backward()
+        if record:
+            tuner.record_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+
+    tuner.start_signal_collection()
+    for _ in range(WARMUP):
+        step(out["warmup_losses"], record=True)
+    out["ranks_before"] = tuner.ranks()
+    out["budget"] = tuner.param_budget()
+    old_lora = [p for n, p in model.named_parameters() if "lora_" in n]  # kept alive: ids stay unique
+    out["report"] = tuner.reallocate(optimizer, step=WARMUP)
+    # state right after the reallocation, before any further step
+    out["ranks_after"] = tuner.ranks()
+    out["used_after"] = tuner.adapter_param_count()
+    out["opt_ids_after"] = optimizer_ids(optimizer)
+    out["trainable_after"] = trainable_ids(model)
+    # replaced factors must be gone from the optimizer (unchanged layers keep theirs, still trainable)
+    out["stale_after"] = ({id(p) for p in old_lora} & set(out["opt_ids_after"])) - out["trainable_after"]
+    out["replaced"] = sum(id(p) not in out["trainable_after"] for p in old_lora)
+    out["shapes_ok_after"] = state_shapes_match(optimizer)
+    out["state_after"] = {  # AdamW updates its state in place: copy it
+        n: {k: v.clone() for k, v in optimizer.state.get(layer.lora_A["default"].weight, {}).items()}
+        for n, layer in tuner.adapted_modules().items()
+    }
+    out["after_losses"] = []
+    for _ in range(AFTER):
+        step(out["after_losses"])
+    out["opt_ids_end"] = optimizer_ids(optimizer)
+    out["trainable_end"] = trainable_ids(model)
+    out["shapes_ok_end"] = state_shapes_match(optimizer)
+    return out
+
+
+def optimizer_ids_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+# --- construction ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_default_budget_is_plain_lora_at_rank_r(name):
+    factory, targets, task = MODELS[name]
+    model = adaptive_model(name)
+    tuner = model.base_model
+    assert type(tuner) is AdaptiveLoraModel
+    assert isinstance(tuner, LoraModel)
+    assert model.peft_config["default"].peft_type is PeftType.ADAPTIVE_LORA
+    plain = get_peft_model(factory(), LoraConfig(r=R, target_modules=targets, task_type=task))
+    plain_lora = {n: p.numel() for n, p in plain.named_parameters() if "lora_" in n and p.requires_grad}
+    adaptive_lora = {n: p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+    assert adaptive_lora == plain_lora  # same modules, same shapes before any reallocation
+    assert tuner.param_budget() == sum(plain_lora.values())
+    assert tuner.adapter_param_count() == sum(plain_lora.values())
+    assert set(tuner.ranks().values()) == {R}
+    assert len(tuner.adapted_modules()) == len(plain_lora) // 2
+    if name == "gpt2":
+        assert all(layer.fan_in_fan_out for layer in tuner.adapted_modules().values())
+
+
+def test_explicit_param_budget_is_used():
+    model = adaptive_model("llama", param_budget=5000)
+    assert model.base_model.param_budget() == 5000
+
+
+# --- reallocation in a hand-written loop ----------------------------------------------------------
+
+
+def test_budget_is_met_and_fully_used(run):
+    tuner, budget, used = run["tuner"], run["budget"], run["used_after"]
+    config = tuner.peft_config["default"]
+    modules = tuner.adapted_modules()
+    assert used == sum(r * cost_per_rank(modules[n], "default") for n, r in run["ranks_after"].items())
+    assert used <= budget
+    below_max = [cost_per_rank(modules[n], "default") for n, r in run["ranks_after"].items() if r < config.max_r]
+    assert below_max  # the budget (plain LoRA at r=4) cannot put every module at max_r=12
+    assert budget - used < min(below_max), (budget, used, below_max)
+    assert all(config.min_r <= r <= config.max_r for r in run["ranks_after"].values())
+    report = run["report"]
+    assert report.used == used and report.budget == budget
+    assert report.signal_steps == WARMUP
+    assert report.ranks_before == list(run["ranks_before"].values())
+    assert report.ranks_after == [run["ranks_after"][n] for n in report.names]
+
+
+def test_ranks_changed_and_differ(run):
+    ranks = run["ranks_after"]
+    assert set(run["ranks_before"].values()) == {R}
+    assert len(set(ranks.values())) > 1, ranks
+    assert ranks != run["ranks_before"]
+    # the layers really have the new shapes
+    for n, layer in run["tuner"].adapted_modules().items():
+        assert layer.lora_A["default"].weight.shape[0] == ranks[n]
+        assert layer.lora_B["default"].weight.shape[1] == ranks[n]
+
+
+def test_higher_score_never_gets_fewer_ranks_at_equal_cost(run):
+    report, tuner = run["report"], run["tuner"]
+    costs = [cost_per_rank(tuner.adapted_modules()[n], "default") for n in report.names]
+    for i in range(len(costs)):
+        for j in range(len(costs)):
+            if costs[i] == costs[j] and report.scores[i] > report.scores[j]:
+                assert report.ranks_after[i] >= report.ranks_after[j]
+
+
+def test_config_records_exact_patterns(run):
+    config = run["tuner"].peft_config["default"]
+    ranks = run["ranks_after"]
+    assert config.rank_pattern == {f"^{re.escape(n)}$": r for n, r in ranks.items()}
+    assert set(config.alpha_pattern) == set(config.rank_pattern)
+    assert config.reallocation_step == WARMUP
+    assert config.allocation["ranks_after"] == run["report"].ranks_after
+
+
+def test_optimizer_holds_exactly_the_trainable_parameters(run):
+    for opt_ids, trainable in [
+        (run["opt_ids_after"], run["trainable_after"]),
+        (run["opt_ids_end"], run["trainable_end"]),
+    ]:
+        assert len(opt_ids) == len(set(opt_ids))  # no parameter twice
+        assert set(opt_ids) == trainable  # no stale, no missing
+    assert not run["stale_after"]
+    assert run["replaced"] > 0
+    assert run["opt_ids_after"] == run["opt_ids_end"]
+
+
+def test_optimizer_state_matches_parameters(run):
+    assert run["shapes_ok_after"] and run["shapes_ok_end"]
+    optimizer = run["optimizer"]
+    for p in optimizer_ids_params(optimizer):
+        assert optimizer.state[p]["exp_avg"].shape == p.shape
+    # grown layers kept their moments (step count kept), shrunk layers were reset
+    for n, state in run["state_after"].items():
+        before, after = run["ranks_before"][n], run["ranks_after"][n]
+        if after > before:
+            assert float(state["step"]) == WARMUP
+            assert state["exp_avg"].shape[0] == after
+            assert torch.count_nonzero(state["exp_avg"][before:]) == 0
+            assert torch.count_nonzero(state["exp_avg"][:before]) > 0
+        elif after < before:
+            assert state == {}
+
+
+def test_loss_keeps_falling(run):
+    warmup, after = run["warmup_losses"], run["after_losses"]
+    assert all(math.isfinite(x) for x in warmup + after)
+    first, last = sum(after[:3]) / 3, sum(after[-3:]) / 3
+    assert last < first, after
+    assert last < sum(warmup[:2]) / 2
+    # the reallocation itself does not throw the model off (loss right after ~ loss right before)
+    assert after[0] < warmup[0]
+
+
+def test_every_adapter_tensor_trains_after_reallocation(run):
+    # all factors (incl. grown rows and rotated bases) keep changing; nothing is orphaned
+    model, tuner, optimizer = run["model"], run["tuner"], run["optimizer"]
+    batch = make_batch(run["name"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    changed = {n: not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if "lora_" in n}
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+    assert len(changed) == 2 * len(tuner.adapted_modules())
+
+
+def test_reallocate_needs_signals():
+    model = adaptive_model("llama")
+    with pytest.raises(RuntimeError, match="start_signal_collection"):
+        model.base_model.reallocate()
+    with pytest.raises(RuntimeError, match="start_signal_collection"):
+        model.base_model.record_gradients()
+
+
+# --- multiple adapters ----------------------------------------------------------------------------
+
+
+def test_reallocating_one_adapter_leaves_the_other_alone():
+    torch.manual_seed(0)
+    model = adaptive_model("llama", max_r=12)
+    model.add_adapter(
+        "other",
+        AdaptiveLoraConfig(r=3, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
+    model.set_adapter("default")
+    tuner = model.base_model
+    other_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".other" in n}
+    other_ranks = tuner.ranks("other")
+    other_scaling = {n: layer.scaling["other"] for n, layer in tuner.adapted_modules("other").items()}
+    assert other_before and set(other_ranks.values()) == {3}
+
+    batch = make_batch("llama")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner.start_signal_collection("default")
+    for _ in range(WARMUP):
+        model(**batch).loss.backward()
+        tuner.record_gradients("default")
+        optimizer.step()
+        optimizer.zero_grad()
+    tuner.reallocate(optimizer, adapter_name="default")
+
+    assert len(set(tuner.ranks("default").values())) > 1
+    assert tuner.ranks("other") == other_ranks
+    assert {n: layer.scaling["other"] for n, layer in tuner.adapted_modules("other").items()} == other_scaling
+    other_after = {n: p.detach() for n, p in model.named_parameters() if ".other" in n}
+    assert other_after.keys() == other_before.keys()
+    assert all(torch.equal(other_after[n], other_before[n]) for n in other_before)
+    assert not model.peft_config["other"].rank_pattern
+    assert set(optimizer_ids(optimizer)) == trainable_ids(model)
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+
+def test_registration_survives_reload():
+    members = len(PeftType)
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.ADAPTIVE_LORA]
+    reloaded = importlib.reload(peft_adaptive)
+    importlib.reload(importlib.import_module("peft_adaptive._peft_type"))
+    from peft_adaptive._peft_type import ensure_peft_type
+
+    assert ensure_peft_type() is PeftType.ADAPTIVE_LORA
+    assert len(PeftType) == members  # no duplicate member
+    assert PeftType("ADAPTIVE_LORA") is PeftType.ADAPTIVE_LORA is PeftType["ADAPTIVE_LORA"]
+    assert PeftType.ADAPTIVE_LORA == "ADAPTIVE_LORA" and PeftType.ADAPTIVE_LORA in list(PeftType)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.ADAPTIVE_LORA] is config_cls is reloaded.AdaptiveLoraConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.ADAPTIVE_LORA] is reloaded.AdaptiveLoraModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.ADAPTIVE_LORA] == "lora_"
+    model = get_peft_model(tiny_llama(), reloaded.AdaptiveLoraConfig(r=2, target_modules=["q_proj"]))
+    assert type(model.base_model) is AdaptiveLoraModel
+
+
+# --- config validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(r=0), r"\.r "),
+        (dict(min_r=0), "min_r"),
+        (dict(min_r=5, max_r=3), r"max_r.*min_r"),
+        (dict(r=1, min_r=5), r"max_r.*min_r"),  # default max_r = 4 * r = 4 < min_r
+        (dict(grad_weight=-1.0), "grad_weight"),
+        (dict(grad_weight=float("inf")), "grad_weight"),
+        (dict(delta_weight=float("nan")), "delta_weight"),
+        (dict(delta_weight=-0.5), "delta_weight"),
+        (dict(grad_weight=0.0, delta_weight=0.0), "grad_weight and delta_weight"),
+        (dict(warmup_steps=0), "warmup_steps"),
+        (dict(param_budget=0), "param_budget"),
+        (dict(param_budget=-10), "param_budget"),
+        (dict(score_exponent=-0.1), "score_exponent"),
+        (dict(score_exponent=float("nan")), "score_exponent"),
+    ],
+)
+def test_invalid_config_raises(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        AdaptiveLoraConfig(target_modules=["q_proj"], **kwargs)
+
+
+def test_too_small_budget_raises_at_get_peft_model():
+    # 2 layers x (q_proj 32+32, v_proj 32+16): min_r=1 alone costs 224 parameters
+    config = AdaptiveLoraConfig(r=4, target_modules=["q_proj", "v_proj"], param_budget=223)
+    with pytest.raises(ValueError, match=r"param_budget=223.*224"):
+        get_peft_model(tiny_llama(), config)
+    ok = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, target_modules=["q_proj", "v_proj"], param_budget=224))
+    assert ok.base_model.param_budget() == 224
+    with pytest.raises(ValueError, match="param_budget"):
+        get_peft_model(
+            tiny_llama(), AdaptiveLoraConfig(r=4, min_r=2, target_modules=["q_proj", "v_proj"], param_budget=447)
+        )
