@@ -156,6 +156,28 @@ def test_training_options(tmp_path, overrides):
     assert_budget_spent(model.base_model)
 
 
+def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
+    from torch._dynamo.utils import counters
+
+    class GraphCount(TrainerCallback):
+        before = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == WARMUP:
+                self.before = counters["stats"]["unique_graphs"]
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = adaptive_llama()
+    probe, graphs, adaptive = GradientProbe(), GraphCount(), AdaptiveLoraCallback()
+    trainer = train(model, tmp_path, [adaptive, probe, graphs], torch_compile=True, torch_compile_backend="aot_eager")
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert adaptive.reallocation_step == WARMUP
+    assert probe.optimizer_matches_model == [True] * 8
+    assert graphs.before >= 1
+    assert counters["stats"]["unique_graphs"] == 2 * graphs.before
+
+
 def test_encoder_classifier_with_modules_to_save(tmp_path):
     config = AdaptiveLoraConfig(r=4, max_r=8, target_modules=["query", "value"], task_type="SEQ_CLS", warmup_steps=2)
     model = get_peft_model(tiny_bert(), config)

@@ -10,7 +10,10 @@ from peft.utils import register_peft_method
 from .allocation import Allocation, allocate_ranks
 from .callback import AdaptiveLoraCallback
 from .config import ADAPTIVE_PEFT_TYPE, AdaptiveLoraConfig
+from .export import EXPORT_FORMATS, export_adapter
+from .inspection import AdapterError, AdapterSummary, inspect_adapter
 from .model import AdaptiveLoraModel, AllocationReport
+from .plotting import plot_ranks
 from .resize import resize_factors, resize_lora_layer
 
 __version__ = "0.1.0"
@@ -23,12 +26,18 @@ if ADAPTIVE_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
 
 __all__ = [
     "ADAPTIVE_PEFT_TYPE",
+    "EXPORT_FORMATS",
+    "AdapterError",
+    "AdapterSummary",
     "Allocation",
     "AdaptiveLoraCallback",
     "AdaptiveLoraConfig",
     "AdaptiveLoraModel",
     "AllocationReport",
     "allocate_ranks",
+    "export_adapter",
+    "inspect_adapter",
+    "plot_ranks",
     "resize_factors",
     "resize_lora_layer",
 ]

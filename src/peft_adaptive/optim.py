@@ -5,7 +5,8 @@ weight decay and ``state_dict()`` positions are unchanged. The per-parameter sta
 
 * **migrated** after a grow: the old factors are kept verbatim, so their moments still describe them;
   state tensors of the parameter's shape are zero-padded along the rank dimension (the new
-  directions start with fresh moments) and scalars such as Adam's ``step`` are kept;
+  directions start with fresh moments) and scalars such as Adam's ``step`` are kept. States that are not
+  plain per-entry tensors (8-bit/blockwise-quantized, factored) are reset instead;
 * **reset** after a shrink: the factors are rotated into a new SVD basis, where the old moments mean
   nothing; the state is dropped and the optimizer re-initialises it lazily on the next step.
 """
@@ -42,7 +43,7 @@ def replace_optimizer_params(
                 continue
             params[index] = new
             old_state = state.pop(param, None)
-            if old_state and kinds[param] is ResizeKind.GROW:
+            if old_state and kinds[param] is ResizeKind.GROW and _is_paddable(old_state, param):
                 state[new] = {key: _pad_like(value, param, new) for key, value in old_state.items()}
             swapped += 1
     if 0 < swapped < len(replaced):
@@ -51,6 +52,18 @@ def replace_optimizer_params(
             "it must hold all of the adapter's trainable parameters or none"
         )
     return swapped
+
+
+def _is_paddable(param_state: dict, param: nn.Parameter) -> bool:
+    """True if every tensor in the state is a scalar or shaped like the parameter (Adam, SGD momentum...).
+
+    Anything else (blockwise-quantized 8-bit states with their scale tables, factored Adafactor rows) cannot
+    be padded entry by entry, so it is reset instead.
+    """
+    return all(
+        not isinstance(v, torch.Tensor) or v.dim() == 0 or (v.shape == param.shape and v.is_floating_point())
+        for v in param_state.values()
+    )
 
 
 def _pad_like(value: object, old: nn.Parameter, new: nn.Parameter) -> object:
