@@ -110,10 +110,14 @@ class AdaptiveLoraConfig(LoraConfig):
 
     # --- saving --------------------------------------------------------------------------------------
 
+    @staticmethod
+    def adaptive_field_names() -> list[str]:
+        """Names of the fields this class adds to ``LoraConfig``."""
+        return sorted({f.name for f in fields(AdaptiveLoraConfig)} - {f.name for f in fields(LoraConfig)})
+
     def adaptive_fields(self) -> dict[str, Any]:
-        """The fields this class adds to ``LoraConfig``."""
-        own = {f.name for f in fields(AdaptiveLoraConfig)} - {f.name for f in fields(LoraConfig)}
-        return {name: getattr(self, name) for name in sorted(own)}
+        """The fields this class adds to ``LoraConfig``, with their values."""
+        return {name: getattr(self, name) for name in self.adaptive_field_names()}
 
     def to_lora_dict(self) -> dict[str, Any]:
         """This config as a plain ``LoraConfig`` dict that vanilla PEFT loads (``peft_type: LORA``)."""

@@ -26,11 +26,10 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import get_pattern_key
 
@@ -106,9 +105,7 @@ def read_adaptive_fields(path: str | os.PathLike, config: dict[str, Any] | None 
     return None
 
 
-def adaptive_field_names() -> list[str]:
-    """Names of the fields ``AdaptiveLoraConfig`` adds to ``LoraConfig``."""
-    return sorted({f.name for f in fields(AdaptiveLoraConfig)} - {f.name for f in fields(LoraConfig)})
+adaptive_field_names = AdaptiveLoraConfig.adaptive_field_names
 
 
 def weights_file(path: str | os.PathLike) -> Path:
