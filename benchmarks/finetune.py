@@ -28,7 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sst2", choices=sorted(glue.TASKS))
     p.add_argument("--model", default="minilm", help="minilm (offline wheel), mpnet, a hub id or a local path")
-    p.add_argument("--glue-dir", type=Path, default=None, help="local GLUE folder (default: $PEFT_ADAPTIVE_GLUE_DIR or ../shared/data/glue)")
+    p.add_argument(
+        "--glue-dir",
+        type=Path,
+        default=None,
+        help="local GLUE folder (default: $PEFT_ADAPTIVE_GLUE_DIR or ../shared/data/glue)",
+    )
     p.add_argument("--train-limit", type=int, default=6400, help="training rows used (a fixed random subset)")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--warmup-steps", type=int, default=60, help="adaptive warmup (optimizer steps) before reallocation")
