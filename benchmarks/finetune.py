@@ -34,9 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="local GLUE folder (default: $PEFT_ADAPTIVE_GLUE_DIR or ../shared/data/glue)",
     )
-    p.add_argument("--train-limit", type=int, default=6400, help="training rows used (a fixed random subset)")
-    p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--warmup-steps", type=int, default=60, help="adaptive warmup (optimizer steps) before reallocation")
+    p.add_argument("--train-limit", type=int, default=3840, help="training rows used (a fixed random subset)")
+    p.add_argument("--max-steps", type=int, default=120)
+    p.add_argument("--warmup-steps", type=int, default=40, help="adaptive warmup (optimizer steps) before reallocation")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--min-r", type=int, default=2)
     p.add_argument("--max-r", type=int, default=32)
@@ -55,7 +55,7 @@ def tokenized(rows: dict[str, list], tokenizer, task: str):
     columns = glue.TASKS[task].text_columns
     data = Dataset.from_dict(rows)
     return data.map(
-        lambda batch: tokenizer(*[batch[c] for c in columns], truncation=True, max_length=128),
+        lambda batch: tokenizer(*[batch[c] for c in columns], truncation=True, max_length=64),
         batched=True,
         remove_columns=list(columns),
     ).rename_column("label", "labels")
