@@ -430,11 +430,18 @@ def build_method(spec: RunSpec, method: Method, model, train_ds, collator) -> tu
         peft_model = get_peft_model(
             model, lora_config(spec, targets, init_lora_weights="eva", eva_config=eva), low_cpu_mem_usage=True
         )
+        forwards = []
+
+        def forward(model, inputs: dict):  # EVA's default forward, counted
+            forwards.append(1)
+            return model(**inputs)
+
         start = time.perf_counter()
         loader = eva_dataloader(train_ds, collator, spec)
-        initialize_lora_eva_weights(peft_model, loader, show_progress_bar=False)
+        initialize_lora_eva_weights(peft_model, loader, forward_fn=forward, show_progress_bar=False)
         info["eva_init_s"] = time.perf_counter() - start
-        info["eva_batches"] = loader.collate_fn.batches
+        info["eva_forward_passes"] = len(forwards)  # EVA cycles the loader until its SVDs converge
+        info["eva_distinct_batches"] = loader.collate_fn.batches
         return peft_model, [], info
     raise ValueError(f"unknown method kind {method.kind!r}")
 
@@ -888,6 +895,8 @@ def write_report(payload: dict, out_dir: Path) -> str:
             f"- Repeated run {task}/{method}/seed {seed} (kept the first): metric {rep['metric_first']:.4f} vs "
             f"{rep['metric_rerun']:.4f} on the rerun ({same})"
         )
+    if payload.get("repeated_runs"):
+        lines.append("")
     failed = [r for r in runs if r.get("status") != "ok"]
     if failed:
         names = ", ".join(f"{r['task']}/{r['method']}/s{r['seed']}" for r in failed)
