@@ -250,6 +250,7 @@ class Method:
     warmup_steps: int | None = None
     grad_weight: float | None = None
     delta_weight: float | None = None
+    lr: float | None = None  # overrides the shared adapter learning rate (only AdaLoRA offers this)
 
 
 METHOD_KINDS = ("lora", "adaptive", "adalora", "eva", "full")
@@ -260,6 +261,10 @@ def base_methods(kinds: list[str], args: argparse.Namespace) -> list[Method]:
     for kind in kinds:
         if kind == "adaptive":
             methods.append(Method("adaptive", kind, args.warmup_steps, args.grad_weight, args.delta_weight))
+        elif kind == "adalora" and args.adalora_lr is not None and args.adalora_lr != args.lr:
+            # AdaLoRA starts its singular values at zero and A, B at std 0.02, so at the shared lr of a short
+            # run it may not move at all; this row is labelled so nobody mistakes it for the shared setting.
+            methods.append(Method(f"adalora (lr {args.adalora_lr:g})", kind, lr=args.adalora_lr))
         else:
             methods.append(Method(kind, kind))
     return methods
@@ -285,7 +290,7 @@ def dedupe_methods(methods: list[Method]) -> list[Method]:
     """Drop variants whose configuration equals an earlier method's (e.g. 'grad only' = the default)."""
     seen, kept = set(), []
     for m in methods:
-        key = (m.kind, m.warmup_steps, m.grad_weight, m.delta_weight)
+        key = (m.kind, m.warmup_steps, m.grad_weight, m.delta_weight, m.lr)
         if key in seen:
             print(f"note: {m.name!r} is the same configuration as an earlier method; not run twice")
             continue
@@ -482,6 +487,12 @@ class DataOrderFingerprint:
         return self.hash.hexdigest()[:16]
 
 
+def method_lr(spec: RunSpec, method: Method) -> float:
+    if method.lr is not None:
+        return method.lr
+    return spec.full_lr if method.kind == "full" else spec.lr
+
+
 def training_arguments(spec: RunSpec, method: Method, out_dir: str):
     import torch
     from transformers import TrainingArguments
@@ -491,7 +502,7 @@ def training_arguments(spec: RunSpec, method: Method, out_dir: str):
         max_steps=spec.max_steps,
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.eval_batch_size,
-        learning_rate=spec.full_lr if method.kind == "full" else spec.lr,
+        learning_rate=method_lr(spec, method),
         weight_decay=spec.weight_decay,
         lr_scheduler_type="linear",
         warmup_steps=round(spec.lr_warmup_ratio * spec.max_steps),
@@ -566,6 +577,7 @@ def run_worker(spec_path: str) -> None:
         "status": "ok",
         "model": spec.model,
         "r": spec.r,
+        "lr": method_lr(spec, method),
         "targets": spec.targets,
         "metric_name": TASKS[spec.task].main_metric,
         "metric": metrics[TASKS[spec.task].main_metric],
@@ -1113,6 +1125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr", type=float, help="learning rate of every adapter method and its head (default: cpu 2e-3, full 5e-4)"
     )
     p.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of the full fine-tuning reference")
+    p.add_argument(
+        "--adalora-lr",
+        type=float,
+        help="AdaLoRA's own learning rate (default: the shared --lr); its row is then named 'adalora (lr X)'",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--lr-warmup-ratio", type=float, default=0.06)
     p.add_argument("--batch-size", type=int, default=32)

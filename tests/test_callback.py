@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -259,6 +261,26 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def run_process_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session and kill the whole group on timeout or failure.
+
+    ``subprocess.run(timeout=...)`` only kills torchrun itself; its worker processes would outlive the test.
+    """
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{stderr[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a failed run
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
     """torchrun, 2 CPU processes (gloo), stock Trainer; negative control without the DDP re-initialisation."""
     results = {}
@@ -266,13 +288,7 @@ def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
         out = tmp_path / f"{name}.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-        proc = subprocess.run(
-            [*cmd, str(REPO / "tests/scripts/ddp_train.py"), str(out), *extra],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
+        proc = run_process_group([*cmd, str(REPO / "tests/scripts/ddp_train.py"), str(out), *extra], env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads(out.read_text())
 

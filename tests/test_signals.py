@@ -42,8 +42,9 @@ def test_gradient_signal_is_the_mean_rms_over_steps():
 
 
 def test_delta_signal_equals_the_direct_computation():
-    model = adaptive_llama()
+    model = adaptive_llama(delta_weight=0.5)
     collector = model.start_signal_collection()
+    assert collector.tracks_delta
     layers = model.base_model.adapted_modules()
     before = {n: layer.get_delta_weight("default").detach().clone() for n, layer in layers.items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -96,12 +97,13 @@ def test_skipped_fp16_steps_add_no_signal():
     assert all(math.isfinite(g) and g > 0 for g in signals.grad_rms)
 
 
-def test_collector_state_round_trip():
+@pytest.mark.parametrize("track_delta", [True, False])
+def test_collector_state_round_trip(track_delta):
     model = adaptive_llama()
-    collector = model.start_signal_collection()
+    collector = model.start_signal_collection(track_delta=track_delta)
     loss_of(model, token_batch()).backward()
     collector.record_gradients()
-    restored = SignalCollector(model.base_model.adapted_modules(), "default")
+    restored = SignalCollector(model.base_model.adapted_modules(), "default", track_delta=track_delta)
     restored.load_state_dict(collector.state_dict())
     assert restored.signals() == collector.signals()
     other = SignalCollector(dict(list(model.base_model.adapted_modules().items())[:3]), "default")
@@ -114,6 +116,26 @@ def test_combine_scores_normalises_each_signal():
     assert combine_scores(signals, 1.0, 0.0) == pytest.approx([0.25, 0.75])
     assert combine_scores(signals, 0.0, 1.0) == pytest.approx([0.5, 0.5])
     assert combine_scores(signals, 0.5, 0.5) == pytest.approx([0.375, 0.625])
+
+
+def test_default_weights_hold_no_snapshot_and_still_reallocate():
+    """delta_weight == 0 (the default): no float32 copy of the adapter, no delta in the report."""
+    model = adaptive_llama()
+    collector = model.start_signal_collection()
+    assert not collector.tracks_delta and collector.delta_rms() is None
+    assert collector.state_dict()["snapshot"] is None
+    loss_of(model, token_batch()).backward()
+    model.record_gradients()
+    report = model.reallocate()
+    assert report.delta_signal is None and "n/a" in report.table()
+    assert report.used <= report.budget and sorted(set(report.ranks_after)) != [4]
+
+
+def test_delta_weight_without_the_delta_signal_is_an_error():
+    signals = ModuleSignals(names=["a", "b"], grad_rms=[1.0, 3.0], delta_rms=None, steps=1)
+    assert combine_scores(signals, 2.0, 0.0) == pytest.approx([0.5, 1.5])
+    with pytest.raises(ValueError, match="delta_weight=0.5 .*track_delta=True"):
+        combine_scores(signals, 1.0, 0.5)
 
 
 def test_reallocate_without_signals_is_an_error():

@@ -27,7 +27,7 @@ class AllocationReport:
     ranks_after: list[int]
     scores: list[float]
     grad_signal: list[float]
-    delta_signal: list[float]
+    delta_signal: list[float] | None  # None when the weight delta was not tracked (delta_weight == 0)
     signal_steps: int
     budget: int
     used: int
@@ -40,10 +40,12 @@ class AllocationReport:
         """A readable per-module table for logs."""
         width = max([len(n) for n in self.names] + [6])
         lines = [f"{'module':<{width}}  {'rank':>9}  {'score':>8}  {'grad_rms':>10}  {'delta_rms':>10}"]
+        deltas = self.delta_signal if self.delta_signal is not None else [None] * len(self.names)
         for n, r0, r1, s, g, d in zip(
-            self.names, self.ranks_before, self.ranks_after, self.scores, self.grad_signal, self.delta_signal
+            self.names, self.ranks_before, self.ranks_after, self.scores, self.grad_signal, deltas
         ):
-            lines.append(f"{n:<{width}}  {r0:>3} -> {r1:<3}  {s:>8.4f}  {g:>10.3e}  {d:>10.3e}")
+            d_text = f"{d:>10.3e}" if d is not None else f"{'n/a':>10}"
+            lines.append(f"{n:<{width}}  {r0:>3} -> {r1:<3}  {s:>8.4f}  {g:>10.3e}  {d_text}")
         lines.append(f"adapter parameters: {self.used} used of a budget of {self.budget}")
         return "\n".join(lines)
 
@@ -114,10 +116,18 @@ class AdaptiveLoraModel(LoraModel):
 
     # --- signals ------------------------------------------------------------------------------------
 
-    def start_signal_collection(self, adapter_name: str | None = None) -> SignalCollector:
-        """Snapshot the adapter (for the weight delta) and start accumulating gradient signals."""
+    def start_signal_collection(
+        self, adapter_name: str | None = None, track_delta: bool | None = None
+    ) -> SignalCollector:
+        """Start accumulating gradient signals and, if tracked, snapshot the adapter for the weight delta.
+
+        ``track_delta`` defaults to ``delta_weight > 0``: the snapshot is a float32 copy of the adapter, so it is
+        only held when the score uses it.
+        """
         adapter_name = self._resolve_adapter(adapter_name)
-        collector = SignalCollector(self.adapted_modules(adapter_name), adapter_name)
+        if track_delta is None:
+            track_delta = self.peft_config[adapter_name].delta_weight > 0
+        collector = SignalCollector(self.adapted_modules(adapter_name), adapter_name, track_delta=track_delta)
         self._signal_collectors[adapter_name] = collector
         return collector
 

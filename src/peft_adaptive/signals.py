@@ -15,6 +15,10 @@ being bigger, and the allocation would reward size instead of need:
 
 Gradient norms are accumulated on the device with one fused ``_foreach_norm`` per step and no host
 synchronisation; values are only read back when the scores are requested.
+
+The delta signal needs a float32 copy of the adapter's factors from the start of the warmup. It is only
+taken when the delta is tracked (by default when ``delta_weight > 0``), so with the default weights the
+warmup holds no extra memory over plain LoRA.
 """
 
 from __future__ import annotations
@@ -34,18 +38,18 @@ class ModuleSignals:
 
     names: list[str]
     grad_rms: list[float]
-    delta_rms: list[float]
+    delta_rms: list[float] | None  # None when the delta was not tracked
     steps: int
 
 
 class SignalCollector:
     """Accumulates the warmup signals of one adapter over a set of LoRA layers."""
 
-    def __init__(self, layers: dict[str, LoraLayer], adapter: str):
+    def __init__(self, layers: dict[str, LoraLayer], adapter: str, track_delta: bool = True):
         self.names = list(layers)
         self.layers = [layers[name] for name in self.names]
         self.adapter = adapter
-        self._snapshot = [self._scaled_factors(layer) for layer in self.layers]
+        self._snapshot = [self._scaled_factors(layer) for layer in self.layers] if track_delta else None
         device = lora_factors(self.layers[0], adapter)[0].device if self.layers else torch.device("cpu")
         self._grad_sum = torch.zeros(len(self.layers), dtype=torch.float32, device=device)
         self._steps = torch.zeros((), dtype=torch.float32, device=device)
@@ -74,8 +78,15 @@ class SignalCollector:
         self._grad_sum += torch.where(finite, rms, torch.zeros_like(rms))
         self._steps += finite.float()
 
+    @property
+    def tracks_delta(self) -> bool:
+        return self._snapshot is not None
+
     @torch.no_grad()
-    def delta_rms(self) -> list[float]:
+    def delta_rms(self) -> list[float] | None:
+        """Per-module RMS weight change since collection started; ``None`` when the delta is not tracked."""
+        if self._snapshot is None:
+            return None
         values = []
         for layer, (A0, sB0) in zip(self.layers, self._snapshot):
             A, B = lora_factors(layer, self.adapter)
@@ -91,7 +102,7 @@ class SignalCollector:
             "names": list(self.names),
             "grad_sum": self._grad_sum.cpu(),
             "steps": self._steps.cpu(),
-            "snapshot": [(A0.cpu(), sB0.cpu()) for A0, sB0 in self._snapshot],
+            "snapshot": None if self._snapshot is None else [(A0.cpu(), sB0.cpu()) for A0, sB0 in self._snapshot],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -100,7 +111,8 @@ class SignalCollector:
         device = self._grad_sum.device
         self._grad_sum = state["grad_sum"].to(device)
         self._steps = state["steps"].to(device)
-        self._snapshot = [(A0.to(device), sB0.to(device)) for A0, sB0 in state["snapshot"]]
+        snapshot = state["snapshot"]
+        self._snapshot = None if snapshot is None else [(A0.to(device), sB0.to(device)) for A0, sB0 in snapshot]
 
     def signals(self) -> ModuleSignals:
         steps = float(self._steps.item())
@@ -126,6 +138,13 @@ def combine_scores(signals: ModuleSignals, grad_weight: float, delta_weight: flo
     activity gets twice the share, and the least active module is not pushed to zero. The two weights
     then trade off the signals independently of their physical units.
     """
+    if signals.delta_rms is None:
+        if delta_weight != 0:
+            raise ValueError(
+                f"delta_weight={delta_weight} needs the weight-delta signal, which was not tracked: "
+                "start the collection with track_delta=True"
+            )
+        return [grad_weight * g for g in _normalise(signals.grad_rms)]
     return [
         grad_weight * g + delta_weight * d for g, d in zip(_normalise(signals.grad_rms), _normalise(signals.delta_rms))
     ]
