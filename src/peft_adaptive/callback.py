@@ -3,8 +3,8 @@
 Timeline inside ``Trainer``'s loop (transformers 5.x):
 
 * ``on_train_begin``: checks the setup, snapshots the adapter (for the weight delta, only when
-  ``delta_weight > 0``) and starts the gradient signals; on resume it restores them from the checkpoint, or notes that the reallocation
-  already happened.
+  ``delta_weight > 0``) and starts the gradient signals; on resume it restores them from the
+  checkpoint, or notes that the reallocation already happened.
 * ``on_pre_optimizer_step``: reads the gradients once per optimizer step, when they are complete for
   the step: accumulated over all micro-batches, all-reduced under DDP, unscaled under fp16 and clipped.
   A step whose gradients are not finite (skipped by the fp16 scaler) adds nothing.
