@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from peft_adaptive import Allocation, allocate_ranks
+from peft_adaptive.allocation import _extend_spectrum, allocate_by_spectrum
 
 SETTINGS = settings(max_examples=100, deadline=None)
 
@@ -24,7 +26,7 @@ def problems(draw, equal_costs: bool = False, n_min: int = 1):
         costs = [draw(st.integers(1, 40))] * n
     else:
         costs = draw(st.lists(st.integers(1, 40), min_size=n, max_size=n))
-    min_r = draw(st.integers(1, 4))
+    min_r = draw(st.integers(0, 4))
     max_r = draw(st.integers(min_r, 16))
     floor = min_r * sum(costs)
     ceiling = max_r * sum(costs)
@@ -185,7 +187,7 @@ def test_empty_problem():
         (dict(budget=float("inf")), "budget"),
         (dict(budget=100.5), "budget"),
         (dict(min_r=3, max_r=2), "min_r"),
-        (dict(min_r=0), "min_r"),
+        (dict(min_r=-1), "min_r"),
         (dict(min_r=1.5), "min_r"),
         (dict(max_r=4.5), "max_r"),
         (dict(scores=[1.0, -0.1, 1.0]), "scores"),
@@ -221,3 +223,78 @@ def test_float_costs_with_integer_values_are_accepted():
     alloc = allocate_ranks([1.0, 1.0], [3.0, 3.0], 12, 1, 8)
     assert alloc.ranks == [2, 2]
     assert math.isclose(alloc.used, 12)
+
+
+# --- allocate_by_spectrum: one global threshold on value per parameter -----------------------------
+
+
+@st.composite
+def spectrum_problems(draw, equal_costs: bool = False):
+    n = draw(st.integers(1, 6))
+    min_r = draw(st.integers(0, 2))
+    max_r = draw(st.integers(max(min_r, 1), 6))
+    spectra = []
+    for _ in range(n):
+        values = sorted(draw(st.lists(scores_st, min_size=0, max_size=max_r)), reverse=True)
+        spectra.append(values)
+    costs = (
+        [draw(st.integers(1, 20))] * n if equal_costs else draw(st.lists(st.integers(1, 20), min_size=n, max_size=n))
+    )
+    budget = draw(st.integers(min_r * sum(costs), max_r * sum(costs) + 10))
+    return spectra, costs, budget, min_r, max_r
+
+
+@SETTINGS
+@given(spectrum_problems())
+def test_spectrum_allocation_invariants(problem):
+    spectra, costs, budget, min_r, max_r = problem
+    alloc = allocate_by_spectrum(spectra, costs, budget, min_r, max_r)
+    check_invariants(alloc, spectra, costs, budget, min_r, max_r)
+    assert alloc == allocate_by_spectrum([list(s) for s in spectra], tuple(costs), budget, min_r, max_r)
+
+
+@SETTINGS
+@given(spectrum_problems(equal_costs=True))
+def test_spectrum_allocation_maximises_the_total_value_with_equal_costs(problem):
+    """Brute force over every feasible allocation: none captures more value than the greedy threshold."""
+    spectra, costs, budget, min_r, max_r = problem
+    values = [_extend_spectrum(s, max_r, i) for i, s in enumerate(spectra)]
+
+    def total(ranks):
+        return sum(sum(v[:r]) for v, r in zip(values, ranks))
+
+    alloc = allocate_by_spectrum(spectra, costs, budget, min_r, max_r)
+    best = max(
+        total(ranks)
+        for ranks in itertools.product(range(min_r, max_r + 1), repeat=len(spectra))
+        if sum(r * c for r, c in zip(ranks, costs)) <= budget
+    )
+    assert total(alloc.ranks) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_spectrum_allocation_follows_the_planted_ranks():
+    """Two modules with 2 and 6 strong directions, one with none: the ranks go where the energy is."""
+    spectra = [[9.0, 8.0, 0.01], [9.0] * 6 + [0.01], [0.02, 0.01]]
+    alloc = allocate_by_spectrum(spectra, [10, 10, 10], budget=80, min_r=0, max_r=8)
+    assert alloc.ranks == [2, 6, 0]
+
+
+def test_spectrum_allocation_extends_a_flat_spectrum_past_its_length():
+    """Measured at rank 2 with no decay, a module keeps its value past rank 2 (up to max_r)."""
+    alloc = allocate_by_spectrum([[5.0, 5.0], [5.0, 1.0]], [10, 10], budget=60, min_r=1, max_r=4)
+    assert alloc.ranks == [4, 2]
+
+
+def test_spectrum_allocation_prices_ranks_per_parameter():
+    """Equal spectra, one module three times as expensive per rank: the cheap one is served first."""
+    alloc = allocate_by_spectrum([[4.0, 3.0, 2.0, 1.0]] * 2, [10, 30], budget=70, min_r=0, max_r=4)
+    assert alloc.ranks == [4, 1]
+
+
+@pytest.mark.parametrize(
+    "spectra, message",
+    [([[1.0, 2.0]], "non-increasing"), ([[float("nan")]], "finite"), ([[-1.0]], "finite")],
+)
+def test_spectrum_allocation_rejects_bad_spectra(spectra, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_by_spectrum(spectra, [10], budget=40, min_r=0, max_r=4)

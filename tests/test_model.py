@@ -320,7 +320,10 @@ def test_registration_survives_reload():
     ("kwargs", "field"),
     [
         (dict(r=0), r"\.r "),
-        (dict(min_r=0), "min_r"),
+        (dict(min_r=-1), "min_r"),
+        (dict(score="fisher"), "score.*one of 'norms'"),
+        (dict(growth="svd"), "growth.*one of 'gradient', 'random'"),
+        (dict(sketch_size=0), "sketch_size"),
         (dict(min_r=5, max_r=3), r"max_r.*min_r"),
         (dict(r=1, min_r=5), r"max_r.*min_r"),  # default max_r = 4 * r = 4 < min_r
         (dict(grad_weight=-1.0), "grad_weight"),

@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
 from .allocation import Allocation, allocate_ranks
+from .calibration import calibrate_adaptive_lora
 from .callback import AdaptiveLoraCallback
 from .config import ADAPTIVE_PEFT_TYPE, AdaptiveLoraConfig
 from .export import EXPORT_FORMATS, export_adapter
@@ -35,6 +36,7 @@ __all__ = [
     "AdaptiveLoraModel",
     "AllocationReport",
     "allocate_ranks",
+    "calibrate_adaptive_lora",
     "export_adapter",
     "inspect_adapter",
     "plot_ranks",

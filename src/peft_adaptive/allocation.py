@@ -44,7 +44,7 @@ def allocate_ranks(
         scores: non-negative importance of each module (any scale; only ratios matter).
         cost_per_rank: trainable parameters one rank costs in each module (``in + out`` for a Linear).
         budget: maximum total trainable parameters, ``sum(rank_i * cost_i)``.
-        min_r, max_r: rank bounds, ``1 <= min_r <= max_r``.
+        min_r, max_r: rank bounds, ``0 <= min_r <= max_r`` (rank 0 removes a module's adapter).
         exponent: ranks are proportional to ``score**exponent``; ``0`` gives a uniform split,
             larger values concentrate the budget on the highest scores.
 
@@ -56,22 +56,13 @@ def allocate_ranks(
     n = len(scores)
     if len(cost_per_rank) != n:
         raise ValueError(f"scores and cost_per_rank must have the same length, got {n} and {len(cost_per_rank)}")
-    if not (_is_whole(min_r) and _is_whole(max_r) and 1 <= min_r <= max_r):
-        raise ValueError(f"need integers 1 <= min_r <= max_r, got min_r={min_r}, max_r={max_r}")
-    if not _is_whole(budget):
-        raise ValueError(f"budget must be an integer, got budget={budget}")
+    _check_problem(cost_per_rank, budget, min_r, max_r)
     if exponent < 0 or not math.isfinite(exponent):
         raise ValueError(f"exponent must be a finite number >= 0, got {exponent}")
-    for i, (s, c) in enumerate(zip(scores, cost_per_rank)):
+    for i, s in enumerate(scores):
         if not (math.isfinite(s) and s >= 0):
             raise ValueError(f"scores must be finite and >= 0, got scores[{i}]={s}")
-        if not _is_whole(c) or c <= 0:
-            raise ValueError(f"cost_per_rank must be positive integers, got cost_per_rank[{i}]={c}")
     floor_cost = min_r * sum(cost_per_rank)
-    if floor_cost > budget:
-        raise ValueError(
-            f"budget={budget} cannot give every module min_r={min_r}: that alone costs {floor_cost} parameters"
-        )
 
     weights = _weights(scores, exponent)
     ranks = [min_r] * n
@@ -89,6 +80,79 @@ def allocate_ranks(
         if ranks[i] < max_r:
             heapq.heappush(heap, (-weights[i] / (ranks[i] + 1), i))
     return Allocation(ranks=ranks, budget=budget, used=budget - remaining)
+
+
+def allocate_by_spectrum(
+    spectra: Sequence[Sequence[float]],
+    cost_per_rank: Sequence[int],
+    budget: int,
+    min_r: int,
+    max_r: int,
+) -> Allocation:
+    """Allocate ranks from per-module spectra with one global threshold on value per parameter.
+
+    ``spectra[i][j]`` is what the ``(j+1)``-th rank of module ``i`` is worth (e.g. the energy ``sigma_j**2``
+    of the ``j``-th singular direction of its gradient or of its learned update); each list must be
+    non-increasing. A rank is worth ``spectra[i][j] / cost_per_rank[i]`` per parameter, and ranks are handed
+    out from the most to the least valuable while they fit: since every module's values fall with ``j``,
+    this is the same as one threshold on value per parameter across all modules. With equal costs it
+    maximises the total value exactly; with unequal costs it is the greedy rule of the (fractional) knapsack,
+    optimal up to the last module that no longer fits.
+
+    A spectrum shorter than ``max_r`` (a warmup at rank ``r`` shows at most ``r`` singular values) is
+    extended geometrically with the decay of its last two values (ratio capped at 1), so a module whose
+    spectrum is still flat at its end can grow past the rank it was measured at.
+
+    Every module keeps ``min_r``; the budget is never exceeded; deterministic (ties go to the lower index).
+    """
+    n = len(spectra)
+    if len(cost_per_rank) != n:
+        raise ValueError(f"spectra and cost_per_rank must have the same length, got {n} and {len(cost_per_rank)}")
+    _check_problem(cost_per_rank, budget, min_r, max_r)
+    values = [_extend_spectrum(s, max_r, i) for i, s in enumerate(spectra)]
+    ranks = [min_r] * n
+    remaining = budget - min_r * sum(cost_per_rank)
+    heap = [(-values[i][min_r] / cost_per_rank[i], i) for i in range(n) if min_r < max_r]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        if cost_per_rank[i] > remaining:
+            continue
+        ranks[i] += 1
+        remaining -= cost_per_rank[i]
+        if ranks[i] < max_r:
+            heapq.heappush(heap, (-values[i][ranks[i]] / cost_per_rank[i], i))
+    return Allocation(ranks=ranks, budget=budget, used=budget - remaining)
+
+
+def _extend_spectrum(spectrum: Sequence[float], length: int, index: int) -> list[float]:
+    values = [float(v) for v in spectrum]
+    for j, v in enumerate(values):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"spectra must be finite and >= 0, got spectra[{index}][{j}]={v}")
+        if j and v > values[j - 1] * (1 + 1e-9):
+            raise ValueError(f"spectra[{index}] must be non-increasing, got {values[j - 1]} then {v}")
+    if not values:
+        return [0.0] * length
+    ratio = min(values[-1] / values[-2], 1.0) if len(values) > 1 and values[-2] > 0 else 0.0
+    while len(values) < length:
+        values.append(values[-1] * ratio)
+    return values[:length]
+
+
+def _check_problem(cost_per_rank: Sequence[int], budget: int, min_r: int, max_r: int) -> None:
+    if not (_is_whole(min_r) and _is_whole(max_r) and 0 <= min_r <= max_r):
+        raise ValueError(f"need integers 0 <= min_r <= max_r, got min_r={min_r}, max_r={max_r}")
+    if not _is_whole(budget):
+        raise ValueError(f"budget must be an integer, got budget={budget}")
+    for i, c in enumerate(cost_per_rank):
+        if not _is_whole(c) or c <= 0:
+            raise ValueError(f"cost_per_rank must be positive integers, got cost_per_rank[{i}]={c}")
+    floor_cost = min_r * sum(cost_per_rank)
+    if floor_cost > budget:
+        raise ValueError(
+            f"budget={budget} cannot give every module min_r={min_r}: that alone costs {floor_cost} parameters"
+        )
 
 
 def _weights(scores: Sequence[float], exponent: float) -> list[float]:

@@ -73,6 +73,9 @@ class AdaptiveLoraCallback(TrainerCallback):
         _refuse_sharded_backends(self._trainer, args)
         warmup = self.config.warmup_steps
         resumed = self._restore(args, state)
+        if self.config.reallocation_step is not None and self.reallocation_step is None:
+            # calibrated before training (calibrate_adaptive_lora) or loaded after a reallocation: nothing to do
+            self.reallocation_step = self.config.reallocation_step
         if self.reallocation_step is not None or state.global_step >= warmup:
             self._collecting = False
             return
@@ -89,12 +92,12 @@ class AdaptiveLoraCallback(TrainerCallback):
             warnings.warn(message + "; training as plain LoRA (allow_plain_lora=True).", stacklevel=2)
             return
         if not resumed:
-            self._tuner.start_signal_collection(self.adapter_name)
+            self._tuner.start_signal_collection(self.adapter_name, seed=args.seed)
         self._collecting = True
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collecting:
-            self._tuner.record_gradients(self.adapter_name)
+            self._tuner.record_gradients(self.adapter_name, scale=_loss_scale(self._trainer))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not self._collecting or state.global_step < self.config.warmup_steps:
@@ -146,7 +149,7 @@ class AdaptiveLoraCallback(TrainerCallback):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         self.reallocation_step = payload.get("reallocation_step")
         if self.reallocation_step is None and "signals" in payload:
-            collector = self._tuner.start_signal_collection(self.adapter_name)
+            collector = self._tuner.start_signal_collection(self.adapter_name, seed=args.seed)
             collector.load_state_dict(payload["signals"])
             return True
         return False
@@ -175,6 +178,14 @@ def _adaptive_tuner(model: torch.nn.Module) -> AdaptiveLoraModel:
             f"got {type(model).__name__} whose base_model is {type(tuner).__name__}"
         )
     return tuner
+
+
+def _loss_scale(trainer: Trainer | None) -> float:
+    """The GradScaler's current scale (the layer-output gradients the sketch sees are still scaled), else 1."""
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def _calling_instance(cls: type) -> Any:

@@ -13,6 +13,11 @@ from peft.utils import CONFIG_NAME
 
 from ._peft_type import ensure_peft_type
 
+#: Values of ``AdaptiveLoraConfig.score`` (implemented in :mod:`peft_adaptive.scores`).
+SCORES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
+#: Values of ``AdaptiveLoraConfig.growth``.
+GROWTH_RULES = ("gradient", "random")
+
 ADAPTIVE_PEFT_TYPE = ensure_peft_type()
 
 #: Sidecar written next to ``adapter_config.json`` when the adapter is saved as plain LoRA.
@@ -31,7 +36,13 @@ class AdaptiveLoraConfig(LoraConfig):
     ``grad_weight``/``delta_weight`` are called ``monitor_alpha``/``monitor_beta`` in the original write-up.
     """
 
-    min_r: int = field(default=1, metadata={"help": "Smallest rank a module can get after reallocation (>= 1)."})
+    min_r: int = field(
+        default=1,
+        metadata={
+            "help": "Smallest rank a module can get after reallocation (>= 0; a module given rank 0 is removed "
+            "from the adapter)."
+        },
+    )
     max_r: int | None = field(
         default=None, metadata={"help": "Largest rank a module can get after reallocation (default: 4 * r)."}
     )
@@ -44,6 +55,24 @@ class AdaptiveLoraConfig(LoraConfig):
     )
     warmup_steps: int = field(
         default=200, metadata={"help": "Optimizer steps of signal collection before the ranks are reallocated."}
+    )
+    score: str = field(
+        default="norms",
+        metadata={
+            "help": "How modules are scored and ranks allocated: 'norms' (grad_weight/delta_weight), 'sensitivity', "
+            "'sketch_energy', 'spectral' or 'gradient_spectrum' (see peft_adaptive.scores)."
+        },
+    )
+    growth: str = field(
+        default="random",
+        metadata={
+            "help": "Directions a growing module's new rows of A take: 'gradient' (the accumulated gradient's "
+            "leading input directions it does not have yet) or 'random'. B stays zero there either way."
+        },
+    )
+    sketch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows of each module's gradient sketch (default: max_r + 8). Only used when needed."},
     )
     grad_weight: float = field(default=1.0, metadata={"help": "Weight of the gradient-norm signal (>= 0)."})
     delta_weight: float = field(default=0.0, metadata={"help": "Weight of the weight-delta signal (>= 0)."})
@@ -71,11 +100,13 @@ class AdaptiveLoraConfig(LoraConfig):
         self.peft_type = ADAPTIVE_PEFT_TYPE
         if self.max_r is None:
             self.max_r = 4 * self.r
+        if self.sketch_size is None and isinstance(self.max_r, int):
+            self.sketch_size = self.max_r + 8
         self._validate()
 
     def _validate(self) -> None:
         _require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "an integer >= 1")
-        _require(isinstance(self.min_r, int) and self.min_r >= 1, "min_r", self.min_r, "an integer >= 1")
+        _require(isinstance(self.min_r, int) and self.min_r >= 0, "min_r", self.min_r, "an integer >= 0")
         _require(
             isinstance(self.max_r, int) and self.max_r >= self.min_r,
             "max_r",
@@ -91,7 +122,17 @@ class AdaptiveLoraConfig(LoraConfig):
         for name in ("grad_weight", "delta_weight", "score_exponent"):
             value = getattr(self, name)
             _require(_is_number(value) and value >= 0, name, value, "a finite number >= 0")
-        if self.grad_weight == 0 and self.delta_weight == 0:
+        _require(self.score in SCORES, "score", self.score, "one of " + ", ".join(repr(x) for x in SCORES))
+        _require(
+            self.growth in GROWTH_RULES, "growth", self.growth, "one of " + ", ".join(repr(x) for x in GROWTH_RULES)
+        )
+        _require(
+            isinstance(self.sketch_size, int) and self.sketch_size >= 1,
+            "sketch_size",
+            self.sketch_size,
+            "an integer >= 1",
+        )
+        if self.score == "norms" and self.grad_weight == 0 and self.delta_weight == 0:
             raise ValueError(
                 "grad_weight and delta_weight are both 0: at least one must be > 0 for the scores to mean anything"
             )

@@ -8,12 +8,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.tuners_utils import _get_submodules
 
-from .allocation import allocate_ranks
 from .config import AdaptiveLoraConfig
 from .optim import replace_optimizer_params
-from .resize import cost_per_rank, lora_factors, resize_lora_layer
-from .signals import SignalCollector, combine_scores
+from .resize import ResizeKind, cost_per_rank, initialise_lora_layer, lora_factors, resize_lora_layer
+from .scores import score_and_allocate, trackers_for
+from .signals import SignalCollector
+from .sketch import gradient_directions
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ class AllocationReport:
     budget: int
     used: int
     step: int | None = None
+    score: str = "norms"
+    growth: str = "random"
+    removed: list[str] | None = None  # modules whose rank went to 0 and that were unwrapped
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,26 +122,53 @@ class AdaptiveLoraModel(LoraModel):
     # --- signals ------------------------------------------------------------------------------------
 
     def start_signal_collection(
-        self, adapter_name: str | None = None, track_delta: bool | None = None
+        self, adapter_name: str | None = None, track_delta: bool | None = None, seed: int = 0
     ) -> SignalCollector:
-        """Start accumulating gradient signals and, if tracked, snapshot the adapter for the weight delta.
+        """Start accumulating the signals the configured ``score`` and ``growth`` need.
 
-        ``track_delta`` defaults to ``delta_weight > 0``: the snapshot is a float32 copy of the adapter, so it is
-        only held when the score uses it.
+        ``track_delta`` defaults to what the score needs: the weight delta of ``score="norms"`` when
+        ``delta_weight > 0``, and for ``score="spectral"`` only when the adapter does not start at ``B = 0``.
+        The snapshot is a float32 copy of the adapter, so it is only held when needed. ``seed`` seeds the
+        gradient sketch's random projection (the same on every process).
         """
         adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        layers = self.adapted_modules(adapter_name)
         if track_delta is None:
-            track_delta = self.peft_config[adapter_name].delta_weight > 0
-        collector = SignalCollector(self.adapted_modules(adapter_name), adapter_name, track_delta=track_delta)
+            track_delta = (config.score == "norms" and config.delta_weight > 0) or (
+                config.score == "spectral"
+                and any(lora_factors(m, adapter_name)[1].abs().max() > 0 for m in layers.values())
+            )
+        trackers = trackers_for(config.score, config.growth)
+        self._close_collector(adapter_name)
+        collector = SignalCollector(
+            layers,
+            adapter_name,
+            track_delta=track_delta,
+            track_sensitivity=trackers.sensitivity,
+            track_grad_sum=trackers.grad_sum,
+            sketch_size=config.sketch_size if trackers.sketch else 0,
+            seed=seed,
+        )
         self._signal_collectors[adapter_name] = collector
         return collector
 
-    def record_gradients(self, adapter_name: str | None = None) -> None:
-        """Add the current gradients to the signals; call once per optimizer step, before ``zero_grad``."""
+    def record_gradients(self, adapter_name: str | None = None, scale: float = 1.0) -> None:
+        """Add the current gradients to the signals; call once per optimizer step, before ``zero_grad``.
+
+        ``scale``: the loss scale if the gradients are still scaled (a ``GradScaler`` before ``unscale_``);
+        ``Trainer`` unscales before its ``on_pre_optimizer_step``, so the callback passes the scaler's scale
+        only for the layer-output gradients the sketch sees.
+        """
         adapter_name = self._resolve_adapter(adapter_name)
         if adapter_name not in self._signal_collectors:
             raise RuntimeError("call start_signal_collection() before record_gradients()")
-        self._signal_collectors[adapter_name].record_gradients()
+        self._signal_collectors[adapter_name].record_gradients(scale)
+
+    def _close_collector(self, adapter_name: str) -> None:
+        collector = self._signal_collectors.pop(adapter_name, None)
+        if collector is not None:
+            collector.close()
 
     # --- reallocation -------------------------------------------------------------------------------
 
@@ -146,20 +178,34 @@ class AdaptiveLoraModel(LoraModel):
         adapter_name: str | None = None,
         step: int | None = None,
         seed: int = 0,
+        ranks: dict[str, int] | None = None,
     ) -> AllocationReport:
         """Score every module from the collected signals, allocate the budget and resize in place.
 
         Args:
             optimizer: if given, its parameter groups are updated to the new parameters (same slots, so
                 learning rates and weight decay are kept). Optimizer state is migrated where the old factors
-                survive verbatim (a grow: moments zero-padded, ``step`` kept) and reset where they are rotated
-                (a shrink), see :mod:`peft_adaptive.optim`. Without an optimizer, create one after this call.
+                survive verbatim (a grow) and reset where they are rotated (a shrink), see
+                :mod:`peft_adaptive.optim`. Without an optimizer, create one after this call.
             adapter_name: the adapter to reallocate (default: the active one). Other adapters are untouched.
             step: recorded in the config as ``reallocation_step``.
             seed: seeds the random rows that growing layers get, so every process of a distributed run
                 makes the same model.
+            ranks: use these ranks (every adapted module, by name) instead of the score's allocation; the
+                configured growth rule still applies. For your own allocation rules and for baselines.
         """
         adapter_name = self._resolve_adapter(adapter_name)
+        return self._allocate(adapter_name, optimizer, step, seed, ranks, initialise=False)
+
+    def _allocate(
+        self,
+        adapter_name: str,
+        optimizer: torch.optim.Optimizer | None,
+        step: int | None,
+        seed: int,
+        ranks: dict[str, int] | None,
+        initialise: bool,
+    ) -> AllocationReport:
         collector = self._signal_collectors.get(adapter_name)
         if collector is None:
             raise RuntimeError(
@@ -168,20 +214,40 @@ class AdaptiveLoraModel(LoraModel):
             )
         config = self.peft_config[adapter_name]
         signals = collector.signals()
-        scores = combine_scores(signals, config.grad_weight, config.delta_weight)
         modules = self.adapted_modules(adapter_name)
-        allocation = allocate_ranks(
-            scores,
-            [cost_per_rank(modules[n], adapter_name) for n in signals.names],
-            self.param_budget(adapter_name),
-            config.min_r,
-            config.max_r,
-            config.score_exponent,
-        )
-        ranks = _same_on_every_process(dict(zip(signals.names, allocation.ranks)), modules)
+        costs = [cost_per_rank(modules[n], adapter_name) for n in signals.names]
+        budget = self.param_budget(adapter_name)
+        if ranks is None:
+            scored = score_and_allocate(
+                config.score,
+                collector,
+                signals,
+                costs,
+                budget,
+                config.min_r,
+                config.max_r,
+                config.score_exponent,
+                config.grad_weight,
+                config.delta_weight,
+            )
+            scores, ranks = scored.scores, dict(zip(signals.names, scored.allocation.ranks))
+        else:
+            _check_explicit_ranks(ranks, signals.names, costs, budget)
+            scores = [float("nan")] * len(signals.names)
+        ranks = _same_on_every_process(ranks, modules)
         ranks_before = [modules[n].r[adapter_name] for n in signals.names]
-        self.resize_adapter(ranks, adapter_name=adapter_name, optimizer=optimizer, seed=seed)
-        del self._signal_collectors[adapter_name]
+        directions = self._growth_directions(collector, modules, adapter_name, ranks, initialise)
+        self._close_collector(adapter_name)
+        if config.param_budget is None:
+            config.param_budget = budget  # keep the budget once rank-0 modules are gone from the count
+        removed = self.resize_adapter(
+            ranks,
+            adapter_name=adapter_name,
+            optimizer=optimizer,
+            seed=seed,
+            directions=directions,
+            initialise=initialise,
+        )
         report = AllocationReport(
             names=signals.names,
             ranks_before=ranks_before,
@@ -190,9 +256,12 @@ class AdaptiveLoraModel(LoraModel):
             grad_signal=signals.grad_rms,
             delta_signal=signals.delta_rms,
             signal_steps=signals.steps,
-            budget=allocation.budget,
+            budget=budget,
             used=self.adapter_param_count(adapter_name),
             step=step,
+            score=config.score,
+            growth=config.growth,
+            removed=removed,
         )
         config.reallocation_step = step
         config.allocation = report.to_dict()
@@ -200,29 +269,78 @@ class AdaptiveLoraModel(LoraModel):
             logger.info("Adaptive LoRA reallocation of adapter %r at step %s:\n%s", adapter_name, step, report.table())
         return report
 
+    def _growth_directions(
+        self, collector: SignalCollector, modules: dict, adapter_name: str, ranks: dict[str, int], initialise: bool
+    ) -> dict[str, torch.Tensor]:
+        """Input directions from the gradient sketch for the rows each module gains (all rows when initialising)."""
+        config = self.peft_config[adapter_name]
+        if config.growth != "gradient" or collector.sketch is None:
+            return {}
+        totals = collector.sketch.totals()
+        directions = {}
+        for name, total in totals.items():
+            current = modules[name].r[adapter_name]
+            wanted = ranks[name] if initialise else ranks[name] - current
+            if wanted <= 0:
+                continue
+            avoid = None if initialise else lora_factors(modules[name], adapter_name)[0].detach()
+            directions[name] = gradient_directions(total, wanted, avoid=avoid)
+        return directions
+
     def resize_adapter(
         self,
         ranks: dict[str, int],
         adapter_name: str | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
-    ) -> None:
-        """Resize the named modules of ``adapter_name`` to the given ranks, keeping what they learned."""
+        directions: dict[str, torch.Tensor] | None = None,
+        initialise: bool = False,
+    ) -> list[str]:
+        """Resize the named modules of ``adapter_name`` to the given ranks, keeping what they learned.
+
+        A rank of 0 removes the module's adapter (the layer is unwrapped to its base layer when no other
+        adapter uses it) and drops it from ``target_modules``. ``directions`` (by module) are the input
+        directions growing modules give their new rows of ``A`` (random otherwise). ``initialise=True``
+        re-initialises untrained adapters (``B == 0``) instead, ``A`` from ``directions`` (calibration).
+        Returns the names of the removed modules.
+        """
         adapter_name = self._resolve_adapter(adapter_name)
         modules = self.adapted_modules(adapter_name)
         unknown = sorted(set(ranks) - set(modules))
         if unknown:
             raise KeyError(f"not adapted modules of adapter {adapter_name!r}: {unknown[:5]}")
+        directions = directions or {}
         generator = torch.Generator().manual_seed(seed)
-        replaced, kinds = {}, {}
+        replaced, kinds, removed = {}, {}, []
         for name in sorted(ranks):
-            kind, swaps = resize_lora_layer(modules[name], adapter_name, ranks[name], generator)
+            layer = modules[name]
+            if ranks[name] == 0:
+                params = [p for p in _adapter_parameters(layer, adapter_name) if p.requires_grad]
+                self._remove_module(name, layer, adapter_name)
+                replaced.update(dict.fromkeys(params))
+                kinds.update(dict.fromkeys(params, ResizeKind.SHRINK))
+                removed.append(name)
+                continue
+            resize = initialise_lora_layer if initialise and _untrained(layer, adapter_name) else resize_lora_layer
+            kind, swaps = resize(layer, adapter_name, ranks[name], generator, directions.get(name))
             replaced.update(swaps)
             kinds.update(dict.fromkeys(swaps, kind))
         if optimizer is not None and replaced:
             if replace_optimizer_params(optimizer, replaced, kinds) == 0:
                 raise ValueError("the optimizer holds none of the adapter's parameters: pass the one that trains it")
+        if removed:
+            config = self.peft_config[adapter_name]
+            config.target_modules = sorted(self.adapted_modules(adapter_name))
         self._record_patterns(adapter_name)
+        return removed
+
+    def _remove_module(self, name: str, layer: LoraLayer, adapter_name: str) -> None:
+        """Rank 0: take ``adapter_name`` out of this layer, and unwrap the layer if no adapter is left."""
+        if set(layer.r) == {adapter_name}:
+            parent, _, target_name = _get_submodules(self.model, name)
+            setattr(parent, target_name, layer.get_base_layer())
+        else:
+            layer.delete_adapter(adapter_name)
 
     def _record_patterns(self, adapter_name: str) -> None:
         """Write one exact entry per module into ``rank_pattern``/``alpha_pattern`` so saves reload exactly."""
@@ -267,7 +385,10 @@ class AdaptiveLoraModel(LoraModel):
         tuner = model.base_model if hasattr(model, "base_model") else model
         if isinstance(tuner, AdaptiveLoraModel):
             saved = _saved_ranks(tuner, adapter_name, state_dict)
-            changed = {n: r for n, r in saved.items() if tuner.adapted_modules(adapter_name)[n].r[adapter_name] != r}
+            live = tuner.adapted_modules(adapter_name)
+            changed = {n: r for n, r in saved.items() if live[n].r[adapter_name] != r}
+            if saved:  # modules the checkpoint has no factors for were removed at rank 0
+                changed.update(dict.fromkeys(set(live) - set(saved), 0))
             if changed:
                 tuner.resize_adapter(changed, adapter_name=adapter_name)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
@@ -281,6 +402,30 @@ def _saved_ranks(tuner: AdaptiveLoraModel, adapter_name: str, state_dict: dict) 
                 if key in state_dict:
                     ranks[name] = state_dict[key].shape[0]
     return ranks
+
+
+def _adapter_parameters(layer: LoraLayer, adapter_name: str) -> list[torch.nn.Parameter]:
+    """Every parameter this adapter owns in the layer (factors, LoRA bias, DoRA magnitude...)."""
+    params = []
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr)
+        if adapter_name in container:
+            item = container[adapter_name]
+            params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+    return params
+
+
+def _untrained(layer: LoraLayer, adapter_name: str) -> bool:
+    return not bool(lora_factors(layer, adapter_name)[1].detach().abs().max() > 0)
+
+
+def _check_explicit_ranks(ranks: dict[str, int], names: list[str], costs: list[int], budget: int) -> None:
+    missing = sorted(set(names) - set(ranks))
+    if missing or set(ranks) - set(names):
+        raise ValueError(f"ranks must name every adapted module exactly; missing {missing[:5]}")
+    used = sum(ranks[n] * c for n, c in zip(names, costs))
+    if used > budget or any(r < 0 for r in ranks.values()):
+        raise ValueError(f"ranks must be >= 0 and fit the budget: they cost {used} of {budget} parameters")
 
 
 def _is_main_process() -> bool:

@@ -3,12 +3,17 @@
 Each new parameter takes the exact slot (group and index) of the one it replaces, so learning rate,
 weight decay and ``state_dict()`` positions are unchanged. The per-parameter state is:
 
-* **migrated** after a grow: the old factors are kept verbatim, so their moments still describe them;
-  state tensors of the parameter's shape are zero-padded along the rank dimension (the new
-  directions start with fresh moments) and scalars such as Adam's ``step`` are kept. States that are not
-  plain per-entry tensors (8-bit/blockwise-quantized, factored) are reset instead;
-* **reset** after a shrink: the factors are rotated into a new SVD basis, where the old moments mean
-  nothing; the state is dropped and the optimizer re-initialises it lazily on the next step.
+* **migrated** after a grow: the old factors are kept verbatim, so their moments still describe them,
+  and scalars such as Adam's ``step`` are kept. The new entries get a first moment of zero and a
+  second moment equal to the mean of the old entries' second moments in the same row of ``B`` /
+  column of ``A`` (:func:`grown_moments`). Zero would be wrong: Adam's bias correction runs on the shared
+  ``step``, which is about 1 after a long warmup, so a zero second moment makes a new entry's first
+  updates ``(1 - beta1^k) / sqrt(1 - beta2^k)`` times a normal one (measured with ``torch.optim.AdamW``
+  at step 1000: 2.5x at the first update, 5.2x at the 10th, still 1.7x at the 300th). States that are
+  not plain per-entry tensors (8-bit/blockwise-quantized, factored) are reset instead;
+* **reset** after a shrink or a re-initialisation: the factors are rotated into a new basis, where the
+  old moments mean nothing; the state is dropped and the optimizer re-initialises it lazily;
+* **removed** with the parameter when a module's rank goes to 0.
 """
 
 from __future__ import annotations
@@ -23,29 +28,34 @@ from .resize import ResizeKind
 
 def replace_optimizer_params(
     optimizer: torch.optim.Optimizer,
-    replaced: Mapping[nn.Parameter, nn.Parameter],
+    replaced: Mapping[nn.Parameter, nn.Parameter | None],
     kinds: Mapping[nn.Parameter, ResizeKind],
 ) -> int:
     """Swap ``old -> new`` parameters in ``optimizer`` and migrate or reset their state.
 
-    Works through wrappers that proxy ``param_groups``/``state`` (accelerate's ``AcceleratedOptimizer``).
-    Returns the number of parameters swapped. Raises if an old parameter is not in the optimizer while
-    others are (a half-updated optimizer would silently train stale tensors).
+    A ``None`` new parameter removes the old one (a module whose rank went to 0). Works through wrappers
+    that proxy ``param_groups``/``state`` (accelerate's ``AcceleratedOptimizer``). Returns the number of
+    parameters swapped or removed. Raises if an old parameter is not in the optimizer while others are
+    (a half-updated optimizer would silently train stale tensors).
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     state = inner.state
     swapped = 0
     for group in inner.param_groups:
-        params = group["params"]
-        for index, param in enumerate(params):
-            new = replaced.get(param)
+        kept = []
+        for param in group["params"]:
+            if param not in replaced:
+                kept.append(param)
+                continue
+            new = replaced[param]
+            old_state = state.pop(param, None)
+            swapped += 1
             if new is None:
                 continue
-            params[index] = new
-            old_state = state.pop(param, None)
+            kept.append(new)
             if old_state and kinds[param] is ResizeKind.GROW and _is_paddable(old_state, param):
-                state[new] = {key: _pad_like(value, param, new) for key, value in old_state.items()}
-            swapped += 1
+                state[new] = {key: _grow_state(key, value, param, new) for key, value in old_state.items()}
+        group["params"][:] = kept
     if 0 < swapped < len(replaced):
         raise RuntimeError(
             f"only {swapped} of {len(replaced)} resized parameters were found in the optimizer; "
@@ -66,10 +76,29 @@ def _is_paddable(param_state: dict, param: nn.Parameter) -> bool:
     )
 
 
-def _pad_like(value: object, old: nn.Parameter, new: nn.Parameter) -> object:
-    """Zero-pad a state tensor shaped like ``old`` to the shape of ``new`` (other values unchanged)."""
+def _grow_state(key: str, value: object, old: nn.Parameter, new: nn.Parameter) -> object:
+    """Grow one state entry: second moments (``exp_avg_sq``-like) by :func:`grown_moments`, others with zeros."""
     if not isinstance(value, torch.Tensor) or value.shape != old.shape:
         return value
-    padded = value.new_zeros(new.shape)
-    padded[tuple(slice(0, n) for n in old.shape)] = value
-    return padded
+    return grown_moments(value, new.shape, second_moment="sq" in key)
+
+
+def grown_moments(value: torch.Tensor, new_shape: torch.Size, second_moment: bool) -> torch.Tensor:
+    """Extend a per-entry optimizer state to ``new_shape`` along the one dimension that grew (the rank).
+
+    First moments (and anything that is not a second moment) get zeros. Second moments get, along the
+    grown dimension, the mean of the old entries in the same slice (same row of ``B``, same column of ``A``):
+    the gradient scale those entries saw is the best estimate of what the new ones will see, so with the
+    shared, bias-corrected ``step`` their updates start at or below a normal step instead of several times it.
+    """
+    grown = [d for d, (a, b) in enumerate(zip(value.shape, new_shape)) if a != b]
+    if len(grown) != 1 or new_shape[grown[0]] < value.shape[grown[0]]:
+        raise ValueError(f"cannot grow a state of shape {tuple(value.shape)} to {tuple(new_shape)}")
+    dim = grown[0]
+    fill_shape = list(new_shape)
+    fill_shape[dim] = new_shape[dim] - value.shape[dim]
+    if second_moment and value.shape[dim] > 0:
+        fill = value.mean(dim=dim, keepdim=True).expand(fill_shape)
+    else:
+        fill = value.new_zeros(fill_shape)
+    return torch.cat([value, fill.to(value.dtype)], dim=dim)

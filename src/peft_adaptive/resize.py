@@ -24,6 +24,7 @@ class ResizeKind(str, Enum):
     UNCHANGED = "unchanged"
     GROW = "grow"  # old factors kept verbatim, new rows/columns appended
     SHRINK = "shrink"  # factors rotated into the truncated-SVD basis
+    REINIT = "reinit"  # factors replaced by a fresh initialisation (before training)
 
 
 @dataclass
@@ -34,13 +35,19 @@ class FactorResize:
 
 
 def resize_factors(
-    A: torch.Tensor, B: torch.Tensor, new_r: int, generator: torch.Generator | None = None
+    A: torch.Tensor,
+    B: torch.Tensor,
+    new_r: int,
+    generator: torch.Generator | None = None,
+    directions: torch.Tensor | None = None,
 ) -> FactorResize:
     """Return factors of rank ``new_r`` that keep the learned update ``B @ A``.
 
-    * Grow: ``B`` gets zero columns and ``A`` gets random rows (of the same RMS as the existing rows),
-      so ``B @ A`` is bit-identical and the new directions still receive gradient (zero rows in ``A``
-      *and* zero columns in ``B`` would never train).
+    * Grow: ``B`` gets zero columns and ``A`` gets new rows of the same RMS as the existing rows, so
+      ``B @ A`` is bit-identical and the new directions still receive gradient (zero rows in ``A`` *and*
+      zero columns in ``B`` would never train). The new rows are ``directions`` (orthonormal rows, e.g. the
+      gradient's leading input directions from :func:`peft_adaptive.sketch.gradient_directions`) as far as
+      they go, then random.
     * Shrink: the best rank-``new_r`` approximation of ``B @ A`` (Eckart-Young), from a QR of each factor
       and an ``r x r`` SVD, never forming the ``fan_out x fan_in`` matrix. ``A`` gets orthonormal rows
       scaled to the old row RMS and ``B`` carries the singular values: a symmetric ``sqrt(S)`` split would
@@ -57,7 +64,7 @@ def resize_factors(
     if not row_scale > 0:
         row_scale = torch.tensor(1.0 / math.sqrt(A.shape[1]), device=A.device)
     if new_r > r:
-        new_A, new_B = _append_directions(A, B, new_r, row_scale, generator)
+        new_A, new_B = _append_directions(A, B, new_r, row_scale, generator, directions)
         return FactorResize(new_A, new_B, ResizeKind.GROW)
 
     work = torch.float64 if A.device.type == "cpu" else torch.float32
@@ -74,14 +81,28 @@ def resize_factors(
 
 
 def _append_directions(
-    A: torch.Tensor, B: torch.Tensor, new_r: int, row_scale: torch.Tensor, generator: torch.Generator | None
+    A: torch.Tensor,
+    B: torch.Tensor,
+    new_r: int,
+    row_scale: torch.Tensor,
+    generator: torch.Generator | None,
+    directions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to rank ``new_r`` with random rows in ``A`` (RMS ``row_scale``) and zero columns in ``B``."""
+    """Pad to rank ``new_r`` with rows of RMS ``row_scale`` in ``A`` (given directions first, then random)
+    and zero columns in ``B``."""
     missing = new_r - A.shape[0]
     if missing <= 0:
         return A, B
-    extra = torch.randn(missing, A.shape[1], generator=generator, device="cpu", dtype=torch.float32)
-    extra = (extra * row_scale.cpu()).to(device=A.device, dtype=A.dtype)
+    rows = []
+    if directions is not None and directions.numel():
+        given = directions[:missing].detach().to(device="cpu", dtype=torch.float32)
+        # unit rows -> the RMS of an entry is row_scale, like the random rows and the existing ones
+        given = given / given.norm(dim=1, keepdim=True).clamp_min(1e-30) * math.sqrt(A.shape[1])
+        rows.append(given)
+    random_count = missing - sum(r.shape[0] for r in rows)
+    if random_count:
+        rows.append(torch.randn(random_count, A.shape[1], generator=generator, device="cpu", dtype=torch.float32))
+    extra = (torch.cat(rows) * row_scale.cpu()).to(device=A.device, dtype=A.dtype)
     return torch.cat([A, extra], dim=0), torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
 
 
@@ -120,20 +141,60 @@ def cost_per_rank(layer: LoraLayer, adapter: str) -> int:
 
 
 def resize_lora_layer(
-    layer: LoraLayer, adapter: str, new_r: int, generator: torch.Generator | None = None
+    layer: LoraLayer,
+    adapter: str,
+    new_r: int,
+    generator: torch.Generator | None = None,
+    directions: torch.Tensor | None = None,
 ) -> tuple[ResizeKind, dict[nn.Parameter, nn.Parameter]]:
     """Resize one adapter of one LoRA layer to rank ``new_r``, keeping its learned update and scaling.
 
     ``lora_alpha`` is rescaled so that ``scaling`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) is
     unchanged (up to the last bit, see below): the output stays the same without rescaling ``B``, and
-    every direction keeps the learning rate it trained with. Returns the kind of resize and a map
+    every direction keeps the learning rate it trained with. ``directions`` are the input directions a
+    grow gives to the new rows of ``A`` (see :func:`resize_factors`). Returns the kind of resize and a map
     ``old parameter -> new parameter`` for the optimizer.
     """
     A, B = lora_factors(layer, adapter)
     with torch.no_grad():
-        result = resize_factors(A.detach(), B.detach(), new_r, generator)
+        result = resize_factors(A.detach(), B.detach(), new_r, generator, directions)
+    return result.kind, _apply_resize(layer, adapter, result)
+
+
+def initialise_lora_layer(
+    layer: LoraLayer,
+    adapter: str,
+    new_r: int,
+    generator: torch.Generator | None = None,
+    directions: torch.Tensor | None = None,
+) -> tuple[ResizeKind, dict[nn.Parameter, nn.Parameter]]:
+    """Give an untrained adapter (``B == 0``) rank ``new_r`` and a fresh ``A``: ``directions`` first, then random.
+
+    The rows keep the RMS of the current ``A`` (PEFT's initialisation) and ``B`` stays zero, so the model's
+    output is unchanged and the first optimizer step moves ``B`` along ``G A^T``: with ``A`` the gradient's
+    leading input directions that is the largest first step a rank-``new_r`` adapter can take.
+    Scaling is kept as in :func:`resize_lora_layer`.
+    """
+    A, B = lora_factors(layer, adapter)
+    if B.detach().abs().max() > 0:
+        raise ValueError(
+            "gradient initialisation needs an untrained adapter whose B is zero (PEFT's default "
+            "init_lora_weights=True); this one has a non-zero B"
+        )
+    if new_r < 1:
+        raise ValueError(f"new_r must be >= 1, got {new_r}")
+    with torch.no_grad():
+        row_scale = A.detach().float().pow(2).mean().sqrt()
+        new_A, new_B = _append_directions(A.detach()[:0], B.detach()[:, :0], new_r, row_scale, generator, directions)
+        result = FactorResize(new_A, new_B, ResizeKind.REINIT)
+    return result.kind, _apply_resize(layer, adapter, result)
+
+
+def _apply_resize(layer: LoraLayer, adapter: str, result: FactorResize) -> dict[nn.Parameter, nn.Parameter]:
+    """Install resized factors and keep the scaling; returns ``old parameter -> new parameter``."""
     if result.kind is ResizeKind.UNCHANGED:
-        return result.kind, {}
+        return {}
+    new_r = result.A.shape[0]
     old = lora_parameters(layer, adapter)
     new = _install_factors(layer, adapter, result.A, result.B)
     rslora = layer.use_rslora.get(adapter)
@@ -144,7 +205,7 @@ def resize_lora_layer(
     # from rank_pattern/alpha_pattern gets the very same float (``scaling * r / r`` can be off by one ulp).
     layer.scaling[adapter] = alpha / math.sqrt(new_r) if rslora else alpha / new_r
     _clear_dora_cache(layer, adapter)
-    return result.kind, dict(zip(old, new))
+    return dict(zip(old, new))
 
 
 def _install_factors(

@@ -19,6 +19,16 @@ synchronisation; values are only read back when the scores are requested.
 The delta signal needs a float32 copy of the adapter's factors from the start of the warmup. It is only
 taken when the delta is tracked (by default when ``delta_weight > 0``), so with the default weights the
 warmup holds no extra memory over plain LoRA.
+
+Optional trackers, each held only when the chosen score needs it (see :mod:`peft_adaptive.scores`):
+
+* ``sensitivity``: AdaLoRA's importance ``|theta * grad|`` of every adapter entry, smoothed with an EMA
+  (``beta1``) and weighted by an EMA of its own uncertainty ``|I - I_bar|`` (``beta2``); two float32 tensors
+  per factor;
+* ``grad_sum``: the sum over steps of ``dL/dB = s G A^T``, a random sketch of the module's summed
+  full-weight gradient (one float32 tensor of ``B``'s shape);
+* ``sketch``: the row-space sketch of the summed full-weight gradient (:class:`~peft_adaptive.sketch.GradientSketch`),
+  which also gives the input directions a growing module takes.
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from .resize import lora_factors, lora_parameters
+from .sketch import GradientSketch
+
+#: EMA factors of the sensitivity score (AdaLoRA's defaults).
+SENSITIVITY_BETAS = (0.85, 0.85)
 
 
 @dataclass
@@ -45,7 +59,16 @@ class ModuleSignals:
 class SignalCollector:
     """Accumulates the warmup signals of one adapter over a set of LoRA layers."""
 
-    def __init__(self, layers: dict[str, LoraLayer], adapter: str, track_delta: bool = True):
+    def __init__(
+        self,
+        layers: dict[str, LoraLayer],
+        adapter: str,
+        track_delta: bool = True,
+        track_sensitivity: bool = False,
+        track_grad_sum: bool = False,
+        sketch_size: int = 0,
+        seed: int = 0,
+    ):
         self.names = list(layers)
         self.layers = [layers[name] for name in self.names]
         self.adapter = adapter
@@ -58,18 +81,31 @@ class SignalCollector:
             dtype=torch.float32,
             device=device,
         )
+        factors = [lora_parameters(layer, adapter) for layer in self.layers]
+        # per factor: [smoothed importance, smoothed uncertainty]
+        self._sensitivity = (
+            [[torch.zeros_like(p, dtype=torch.float32) for _ in range(2)] for pair in factors for p in pair]
+            if track_sensitivity
+            else None
+        )
+        self._b_grad_sum = (
+            [torch.zeros_like(pair[1], dtype=torch.float32) for pair in factors] if track_grad_sum else None
+        )
+        self.sketch = GradientSketch(layers, adapter, sketch_size, seed) if sketch_size > 0 else None
 
     def _scaled_factors(self, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = lora_factors(layer, self.adapter)
         return A.detach().float().clone(), B.detach().float().clone() * layer.scaling[self.adapter]
 
     @torch.no_grad()
-    def record_gradients(self) -> None:
-        """Add this step's gradient RMS of every module; call when gradients are complete for the step."""
-        grads = []
-        for layer in self.layers:
-            for p in lora_parameters(layer, self.adapter):
-                grads.append(p.grad if p.grad is not None else torch.zeros((), device=self._grad_sum.device))
+    def record_gradients(self, scale: float = 1.0) -> None:
+        """Add this step's signals of every module; call once per optimizer step, when gradients are complete.
+
+        ``scale`` is a loss scale still contained in the gradients (only the sketch hooks see scaled
+        gradients; ``Trainer`` unscales the parameters' gradients before this is called).
+        """
+        params = [p for layer in self.layers for p in lora_parameters(layer, self.adapter)]
+        grads = [p.grad if p.grad is not None else torch.zeros((), device=self._grad_sum.device) for p in params]
         norms = torch.stack(torch._foreach_norm(grads)).float().view(len(self.layers), 2)
         sq = norms.pow(2).sum(dim=1)
         rms = (sq / self._numel).sqrt()
@@ -77,6 +113,68 @@ class SignalCollector:
         finite = torch.isfinite(rms).all()
         self._grad_sum += torch.where(finite, rms, torch.zeros_like(rms))
         self._steps += finite.float()
+        sketch_finite = self.sketch.record_step(scale) if self.sketch is not None else True
+        if (self._sensitivity is None and self._b_grad_sum is None) or not sketch_finite:
+            return
+        if not bool(finite):  # the optional trackers are host-synchronised anyway; skip a bad step
+            return
+        if self._b_grad_sum is not None:
+            for total, grad in zip(self._b_grad_sum, grads[1::2]):
+                if grad.dim():
+                    total.add_(grad.float())
+        if self._sensitivity is not None:
+            beta1, beta2 = SENSITIVITY_BETAS
+            for (importance, uncertainty), p, grad in zip(self._sensitivity, params, grads):
+                current = (p.detach().float() * grad.float()).abs() if grad.dim() else torch.zeros_like(importance)
+                importance.mul_(beta1).add_(current, alpha=1 - beta1)
+                uncertainty.mul_(beta2).add_((current - importance).abs(), alpha=1 - beta2)
+
+    @torch.no_grad()
+    def sensitivity(self) -> list[float] | None:
+        """Per module: mean over its adapter entries of smoothed importance x uncertainty (AdaLoRA's score)."""
+        if self._sensitivity is None:
+            return None
+        per_factor = [float((i * u).sum()) for i, u in self._sensitivity]
+        return [(a + b) / float(n) for a, b, n in zip(per_factor[0::2], per_factor[1::2], self._numel.tolist())]
+
+    @torch.no_grad()
+    def grad_sum_spectra(self) -> list[list[float]] | None:
+        """Per module: the singular values of its *mean* full-weight gradient seen through ``A``.
+
+        ``sum dL/dB = s (sum G) A^T``; with ``Omega = A^T / (rms(A) sqrt(r))``, ``E[Omega Omega^T] = I``, so the
+        singular values of ``sum dL/dB / (steps s rms(A) sqrt(r))`` estimate the ``r`` leading ones of the mean
+        gradient. Valid while ``A`` is close to its random initialisation, i.e. during a short warmup.
+        """
+        if self._b_grad_sum is None:
+            return None
+        steps = max(float(self._steps.item()), 1.0)
+        spectra = []
+        for layer, total in zip(self.layers, self._b_grad_sum):
+            A, _ = lora_factors(layer, self.adapter)
+            r = A.shape[0]
+            rms_a = float(A.detach().float().pow(2).mean().sqrt()) or 1.0
+            matrix = total.reshape(total.shape[0], -1).double() / (
+                steps * layer.scaling[self.adapter] * rms_a * math.sqrt(r)
+            )
+            spectra.append(torch.linalg.svdvals(matrix).tolist())
+        return spectra
+
+    @torch.no_grad()
+    def update_spectra(self) -> list[list[float]]:
+        """Per module: the singular values of its learned update ``s B A`` (minus the snapshot, if one was taken)."""
+        spectra = []
+        for index, layer in enumerate(self.layers):
+            A, B = lora_factors(layer, self.adapter)
+            sB = B.detach().double() * layer.scaling[self.adapter]
+            A = A.detach().double()
+            if self._snapshot is not None:
+                A0, sB0 = self._snapshot[index]
+                sB = torch.cat([sB, -sB0.to(sB.device).double()], dim=1)
+                A = torch.cat([A, A0.to(A.device).double()], dim=0)
+            _, r_b = torch.linalg.qr(sB)
+            _, r_a = torch.linalg.qr(A.T)
+            spectra.append(torch.linalg.svdvals(r_b @ r_a.T).tolist())
+        return spectra
 
     @property
     def tracks_delta(self) -> bool:
@@ -103,6 +201,11 @@ class SignalCollector:
             "grad_sum": self._grad_sum.cpu(),
             "steps": self._steps.cpu(),
             "snapshot": None if self._snapshot is None else [(A0.cpu(), sB0.cpu()) for A0, sB0 in self._snapshot],
+            "sensitivity": None
+            if self._sensitivity is None
+            else [[t.cpu() for t in pair] for pair in self._sensitivity],
+            "b_grad_sum": None if self._b_grad_sum is None else [t.cpu() for t in self._b_grad_sum],
+            "sketch": None if self.sketch is None else self.sketch.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -113,6 +216,25 @@ class SignalCollector:
         self._steps = state["steps"].to(device)
         snapshot = state["snapshot"]
         self._snapshot = None if snapshot is None else [(A0.to(device), sB0.to(device)) for A0, sB0 in snapshot]
+        # trackers this collector holds must have been saved too (a checkpoint from another score cannot resume it)
+        for key, mine in (
+            ("sensitivity", self._sensitivity),
+            ("b_grad_sum", self._b_grad_sum),
+            ("sketch", self.sketch),
+        ):
+            if mine is not None and state.get(key) is None:
+                raise ValueError(f"the saved warmup signals have no {key!r}, which this score needs")
+        if self._sensitivity is not None:
+            self._sensitivity = [[t.to(device) for t in pair] for pair in state["sensitivity"]]
+        if self._b_grad_sum is not None:
+            self._b_grad_sum = [t.to(device) for t in state["b_grad_sum"]]
+        if self.sketch is not None:
+            self.sketch.load_state_dict(state["sketch"])
+
+    def close(self) -> None:
+        """Remove the sketch hooks (call when the signals are no longer collected)."""
+        if self.sketch is not None:
+            self.sketch.remove()
 
     def signals(self) -> ModuleSignals:
         steps = float(self._steps.item())
@@ -144,13 +266,14 @@ def combine_scores(signals: ModuleSignals, grad_weight: float, delta_weight: flo
                 f"delta_weight={delta_weight} needs the weight-delta signal, which was not tracked: "
                 "start the collection with track_delta=True"
             )
-        return [grad_weight * g for g in _normalise(signals.grad_rms)]
+        return [grad_weight * g for g in normalise(signals.grad_rms)]
     return [
-        grad_weight * g + delta_weight * d for g, d in zip(_normalise(signals.grad_rms), _normalise(signals.delta_rms))
+        grad_weight * g + delta_weight * d for g, d in zip(normalise(signals.grad_rms), normalise(signals.delta_rms))
     ]
 
 
-def _normalise(values: list[float]) -> list[float]:
+def normalise(values: list[float]) -> list[float]:
+    """Scale finite non-negative values to sum to one (non-finite ones count as 0; all-zero gives uniform)."""
     total = sum(v for v in values if math.isfinite(v))
     if total <= 0:
         return [1.0 / len(values)] * len(values) if values else []

@@ -1,0 +1,122 @@
+"""Score strategies, gradient growth and rank 0 on a model with planted changes of known rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_adaptive import AdaptiveLoraConfig
+from peft_adaptive.config import SCORES
+from peft_adaptive.resize import lora_factors
+
+from .planted import inputs, planted_pair, row_space_fraction
+from .tiny_models import tiny_llama, token_batch
+
+TARGETS = ["branches.0", "branches.1", "branches.2"]
+
+
+def planted_student(**config):
+    student, teacher, changes = planted_pair()
+    config = {"r": 2, "target_modules": TARGETS, "warmup_steps": 5, "min_r": 0, "max_r": 6, **config}
+    return get_peft_model(student, AdaptiveLoraConfig(**config)), teacher, changes
+
+
+def warmup(model, teacher, steps: int = 5, lr: float = 1e-2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.start_signal_collection()
+    for step in range(steps):
+        x = inputs(seed=step)
+        torch.nn.functional.mse_loss(model(x), teacher(x)).backward()
+        model.record_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+@pytest.mark.parametrize("score", ["gradient_spectrum", "sketch_energy", "spectral", "sensitivity", "norms"])
+def test_scores_find_the_planted_modules(score):
+    """Every strategy sends the unchanged branch to rank 0 and the rank-3 change the most rank."""
+    model, teacher, _ = planted_student(score=score)
+    optimizer = warmup(model, teacher)
+    report = model.reallocate(optimizer)
+    ranks = dict(zip(report.names, report.ranks_after))
+    assert report.score == score
+    assert report.used <= report.budget
+    assert ranks["branches.0"] == 0 and report.removed == ["branches.0"]
+    assert ranks["branches.1"] >= ranks["branches.2"] >= 1
+
+
+@pytest.mark.parametrize("score", ["gradient_spectrum", "spectral"])
+def test_spectrum_scores_find_the_planted_ranks(score):
+    """The spectrum strategies read the *rank* of each change, not only its size: 3 and 1 of a 6-rank budget."""
+    model, teacher, _ = planted_student(score=score, max_r=4)
+    report = model.reallocate(warmup(model, teacher))
+    ranks = dict(zip(report.names, report.ranks_after))
+    assert ranks["branches.1"] >= 3 and ranks["branches.2"] >= 1 and ranks["branches.0"] == 0
+
+
+def test_gradient_growth_takes_the_directions_the_gradient_wants():
+    """New rows of A lie in the planted change's row space (random rows would put about 3/48 of their norm there)
+    and are orthogonal to the rows A had; B is zero there, so the output does not move."""
+    model, teacher, changes = planted_student(score="gradient_spectrum", growth="gradient")
+    optimizer = warmup(model, teacher)
+    layer = model.base_model.adapted_modules()["branches.1"]
+    old_A = lora_factors(layer, "default")[0].detach().clone()
+    x = inputs(seed=99)
+    with torch.no_grad():
+        before = model(x)
+    model.reallocate(optimizer)
+    A, B = lora_factors(layer, "default")
+    new_rows = A[old_A.shape[0] :].detach()
+    assert new_rows.shape[0] >= 1
+    # not 1: A already learned part of the change, and the new rows must be orthogonal to it
+    assert row_space_fraction(new_rows, changes["branches.1"]) > 0.7
+    assert (new_rows @ old_A.T).abs().max() < 1e-5 * new_rows.norm() * old_A.norm()
+    assert not B[:, old_A.shape[0] :].any()
+    assert new_rows.pow(2).mean().sqrt() == pytest.approx(old_A.pow(2).mean().sqrt().item(), rel=0.05)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-6)
+
+
+def test_random_growth_is_the_control():
+    model, teacher, changes = planted_student(score="gradient_spectrum", growth="random")
+    optimizer = warmup(model, teacher)
+    layer = model.base_model.adapted_modules()["branches.1"]
+    r = layer.r["default"]
+    model.reallocate(optimizer)
+    new_rows = lora_factors(layer, "default")[0][r:].detach()
+    assert row_space_fraction(new_rows, changes["branches.1"]) < 0.25
+
+
+def test_every_score_reallocates_a_real_model_within_budget():
+    for score in SCORES:
+        model = get_peft_model(
+            tiny_llama(), AdaptiveLoraConfig(r=4, target_modules="all-linear", warmup_steps=2, score=score)
+        )
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.start_signal_collection()
+        for step in range(2):
+            ids = token_batch(seed=step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.record_gradients()
+            optimizer.step()
+            optimizer.zero_grad()
+        report = model.reallocate(optimizer)
+        assert report.used <= report.budget and report.used >= report.budget - max(
+            a + b for a, b in (lora_factors(m, "default")[0].shape for m in model.base_model.adapted_modules().values())
+        ), score
+        ids = token_batch(seed=5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()  # the optimizer is consistent with the new parameters
+
+
+def test_explicit_ranks_are_checked():
+    model, teacher, _ = planted_student()
+    warmup(model, teacher, steps=1)
+    with pytest.raises(ValueError, match="missing"):
+        model.reallocate(ranks={"branches.0": 2})
+    with pytest.raises(ValueError, match="fit the budget"):
+        model.reallocate(ranks={"branches.0": 6, "branches.1": 6, "branches.2": 6})
+    report = model.reallocate(ranks={"branches.0": 1, "branches.1": 4, "branches.2": 1})
+    assert report.ranks_after == [1, 4, 1]
