@@ -7,12 +7,13 @@ Importing this package registers ``AdaptiveLoraConfig``/``AdaptiveLoraModel`` wi
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
+from .adapter_files import AdapterError
+from .adapter_summary import AdapterSummary, inspect_adapter
 from .allocation import Allocation, allocate_ranks
 from .calibration import calibrate_adaptive_lora
 from .callback import AdaptiveLoraCallback
 from .config import ADAPTIVE_PEFT_TYPE, AdaptiveLoraConfig
 from .export import EXPORT_FORMATS, export_adapter
-from .inspection import AdapterError, AdapterSummary, inspect_adapter
 from .model import AdaptiveLoraModel, AllocationReport
 from .plotting import plot_ranks
 from .resize import resize_factors, resize_lora_layer

@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .inspection import AdapterError
+from .adapter_files import AdapterError
 
 PROG = "peft-adaptive"
 
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
-        from .inspection import inspect_adapter
+        from .adapter_summary import inspect_adapter
 
         summary = inspect_adapter(args.path)
         print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.report())

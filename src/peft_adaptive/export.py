@@ -5,7 +5,7 @@ Formats (:data:`EXPORT_FORMATS`):
 ``lora``
     A plain PEFT LoRA adapter that vanilla PEFT loads without this plugin, with identical outputs:
     ``peft_type: LORA``, the plugin's fields dropped, and one exact, anchored ``rank_pattern`` and
-    ``alpha_pattern`` entry per module (the order-independent form; see ``model.pattern_key``).
+    ``alpha_pattern`` entry per module (the order-independent form; see ``naming.pattern_key``).
 
 ``merged``
     The base model with the adapter merged into its weights (PEFT's ``merge_and_unload``), saved with
@@ -40,17 +40,9 @@ from typing import Any
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .inspection import (
-    AdapterError,
-    AdapterSummary,
-    ModuleInfo,
-    adaptive_field_names,
-    inspect_adapter,
-    load_weights,
-    lora_factor_keys,
-    read_adapter_config,
-)
-from .model import pattern_key
+from .adapter_files import AdapterError, adaptive_field_names, load_weights, lora_factor_keys, read_adapter_config
+from .adapter_summary import AdapterSummary, ModuleInfo, inspect_adapter
+from .naming import pattern_key
 
 #: Export format name -> one-line description (also the CLI's help).
 EXPORT_FORMATS: dict[str, str] = {
@@ -100,7 +92,7 @@ def export_adapter(
             ``base_model_name_or_path``. For the LoRA formats it is only recorded in the exported config.
         force: replace ``out`` if it exists and is not empty.
 
-    Returns ``out``. Raises :class:`~peft_adaptive.inspection.AdapterError` for a bad path, a corrupt or
+    Returns ``out``. Raises :class:`~peft_adaptive.adapter_files.AdapterError` for a bad path, a corrupt or
     incomplete adapter, a base model that cannot be loaded, an unknown format or an existing ``out``;
     then nothing is written to ``out``.
     """

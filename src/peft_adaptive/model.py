@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -11,6 +10,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import _get_submodules
 
 from .config import AdaptiveLoraConfig
+from .naming import pattern_key
 from .optim import replace_optimizer_params
 from .resize import ResizeKind, cost_per_rank, initialise_lora_layer, lora_factors, resize_lora_layer
 from .scores import score_and_allocate, trackers_for
@@ -53,15 +53,6 @@ class AllocationReport:
             lines.append(f"{n:<{width}}  {r0:>3} -> {r1:<3}  {s:>8.4f}  {g:>10.3e}  {d_text}")
         lines.append(f"adapter parameters: {self.used} used of a budget of {self.budget}")
         return "\n".join(lines)
-
-
-def pattern_key(module_name: str) -> str:
-    """A ``rank_pattern``/``alpha_pattern`` key that matches exactly this module and no other.
-
-    PEFT treats the keys as regexes, tries them in (on-disk: sorted) order and takes the first match, so a
-    plain name could match a longer one (``.`` is a wildcard, and ``a.q`` matches ``x.a.q``).
-    """
-    return f"^{re.escape(module_name)}$"
 
 
 class AdaptiveLoraModel(LoraModel):

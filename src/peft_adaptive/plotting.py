@@ -18,7 +18,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .inspection import AdapterError, AdapterSummary, inspect_adapter, scores_from_logs
+from .adapter_files import AdapterError
+from .adapter_summary import AdapterSummary, inspect_adapter
+from .trainer_logs import scores_from_logs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,0 +1,147 @@
+"""Read and validate the files of a saved LoRA adapter folder: its config, the plugin's fields, its weights.
+
+Every reader raises :class:`AdapterError` for a problem with the user's input (missing folder or file,
+unreadable JSON, not a LoRA adapter, corrupt weights), which the CLI reports without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+from .config import ADAPTIVE_CONFIG_NAME, AdaptiveLoraConfig
+
+#: peft_type values whose adapters this package understands.
+LORA_PEFT_TYPES = ("LORA", "ADAPTIVE_LORA")
+
+#: Prefix PEFT puts in front of base-model module names in the saved state dict.
+STATE_DICT_PREFIX = "base_model.model."
+
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_embedding_A|lora_embedding_B)$")
+
+
+class AdapterError(ValueError):
+    """A problem with the user's input (path, files, options): reported without a traceback by the CLI."""
+
+
+adaptive_field_names = AdaptiveLoraConfig.adaptive_field_names
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of adapter directory ``path`` as a dict (key order as on disk).
+
+    Raises :class:`AdapterError` when ``path`` is not a directory holding a readable LoRA adapter config.
+    """
+    directory = Path(path)
+    if not directory.exists():
+        raise AdapterError(f"{directory}: no such file or directory")
+    if not directory.is_dir():
+        raise AdapterError(
+            f"{directory} is not an adapter directory (it is a file; pass the folder that holds {CONFIG_NAME})"
+        )
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterError(f"{directory} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_file} is not a readable JSON file: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} does not hold a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type not in LORA_PEFT_TYPES:
+        raise AdapterError(
+            f"{directory} holds a {peft_type!r} adapter; only LoRA adapters (peft_type {' or '.join(LORA_PEFT_TYPES)}) "
+            "are supported"
+        )
+    return config
+
+
+def read_adaptive_fields(path: str | os.PathLike, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The plugin's own fields (``allocation``, ``warmup_steps``, ...) of a saved adapter, or None.
+
+    They are in the ``adaptive_lora.json`` sidecar when the adapter was saved as plain LoRA, and in
+    ``adapter_config.json`` itself when it was saved with ``save_as_lora=False``.
+    """
+    directory = Path(path)
+    sidecar = directory / ADAPTIVE_CONFIG_NAME
+    if sidecar.is_file():
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapterError(f"{sidecar} is not a readable JSON file: {exc}") from exc
+        return data if isinstance(data, dict) else None
+    config = read_adapter_config(directory) if config is None else config
+    if config.get("peft_type") == "ADAPTIVE_LORA":
+        return {name: config[name] for name in adaptive_field_names() if name in config}
+    return None
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The adapter's weights file: ``adapter_model.safetensors`` (preferred) or ``adapter_model.bin``."""
+    directory = Path(path)
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return directory / name
+    raise AdapterError(
+        f"{directory} is not a complete PEFT adapter: it has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME} "
+        f"(or {WEIGHTS_NAME})"
+    )
+
+
+def read_weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor in the adapter's weights file (safetensors: header only)."""
+    file = weights_file(path)
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as exc:  # safetensors raises SafetensorError or OSError subclasses
+            raise AdapterError(f"{file} is not a valid safetensors file (corrupt or truncated?): {exc}") from exc
+    return {key: tuple(t.shape) for key, t in load_weights(path).items()}
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """All tensors of the adapter's weights file, on CPU, keyed as saved."""
+    file = weights_file(path)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file), device="cpu")
+        import torch
+
+        data = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterError(f"{file} is not a valid adapter weights file (corrupt or truncated?): {exc}") from exc
+    if not isinstance(data, dict):
+        raise AdapterError(f"{file} does not hold a state dict")
+    return data
+
+
+def module_name(state_dict_key: str) -> str:
+    """Name in the base model of the module a saved state-dict key belongs to (``base_model.model.`` stripped)."""
+    return state_dict_key[len(STATE_DICT_PREFIX) :] if state_dict_key.startswith(STATE_DICT_PREFIX) else state_dict_key
+
+
+def lora_factor_keys(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``{module name: {"A": key, "B": key}}`` for the LoRA factors among saved state-dict keys."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)
+        if match is None:
+            continue
+        factor = "A" if match["factor"].endswith("A") else "B"
+        modules.setdefault(module_name(match["module"]), {})[factor] = key
+    return modules
