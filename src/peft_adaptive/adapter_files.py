@@ -1,6 +1,7 @@
 """Read and validate the files of a saved LoRA adapter folder: its config, the plugin's fields, its weights.
 
-Every reader raises :class:`AdapterError` for a problem with the user's input (missing folder or file,
+:func:`locate_adapter` turns a Hugging Face Hub repo id into the hub-cache folder of its files; the readers
+then work on local folders only. Every reader raises :class:`AdapterError` for a problem with the user's input (missing folder or file,
 unreadable JSON, not a LoRA adapter, corrupt weights), which the CLI reports without a traceback.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .config import ADAPTIVE_CONFIG_NAME, AdaptiveLoraConfig
+from .hub_files import fetch_adapter_file, is_hub_id
 
 #: peft_type values whose adapters this package understands.
 LORA_PEFT_TYPES = ("LORA", "ADAPTIVE_LORA")
@@ -32,6 +34,47 @@ class AdapterError(ValueError):
 
 
 adaptive_field_names = AdaptiveLoraConfig.adaptive_field_names
+
+
+def locate_adapter(
+    path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
+) -> tuple[Path, str, list[str]]:
+    """``(local folder, name for messages, notes)`` of the adapter at ``path``, a folder or a hub repo id.
+
+    For a hub repo id (``org/name`` that is no local path) its ``adapter_config.json``, weights and
+    ``adaptive_lora.json`` are fetched into the hub cache with ``hf_hub_download(**hub_kwargs)`` (offline:
+    found there), and the folder is the cache's snapshot folder. The notes say what could not be checked
+    (the sidecar, offline and not cached). Raises :class:`AdapterError` when the repo cannot be read.
+    """
+    if not is_hub_id(path):
+        directory = Path(path, subfolder) if subfolder else Path(path)
+        return directory, str(directory) if subfolder else str(path), []
+    name = os.fspath(path) + (f"/{subfolder}" if subfolder else "")
+    if hub_kwargs.get("revision"):
+        name += f" (revision {hub_kwargs['revision']})"
+    try:
+        config_file = fetch_adapter_file(path, CONFIG_NAME, subfolder, **hub_kwargs)
+        if config_file is None:
+            raise AdapterError(f"{name} is not a PEFT adapter: the Hugging Face Hub repo has no {CONFIG_NAME}")
+        if fetch_adapter_file(path, SAFETENSORS_WEIGHTS_NAME, subfolder, **hub_kwargs) is None:
+            fetch_adapter_file(path, WEIGHTS_NAME, subfolder, **hub_kwargs)  # neither: weights_file() says so
+    except AdapterError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AdapterError(
+            f"{path}: no such file or directory, and not readable as a Hugging Face Hub repo "
+            f"({type(exc).__name__}{': ' + reason if reason else ''})"
+        ) from exc
+    notes = []
+    try:
+        fetch_adapter_file(path, ADAPTIVE_CONFIG_NAME, subfolder, **hub_kwargs)
+    except (OSError, ValueError) as exc:
+        notes.append(
+            f"could not fetch {ADAPTIVE_CONFIG_NAME} from the Hugging Face Hub ({type(exc).__name__}): the plugin's "
+            "fields (scores, budget), if the adapter has them, are missing from this summary"
+        )
+    return Path(config_file).parent, name, notes
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from peft.utils.other import get_pattern_key
 
 from .adapter_files import (
     AdapterError,
+    locate_adapter,
     lora_factor_keys,
     read_adapter_config,
     read_adaptive_fields,
@@ -175,19 +176,24 @@ class AdapterSummary:
         }
 
 
-def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
-    """Summarise the saved LoRA adapter in directory ``path`` (no base model needed).
+def inspect_adapter(path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> AdapterSummary:
+    """Summarise the saved LoRA adapter in folder ``path`` (no base model needed).
+
+    ``path`` may also be a Hugging Face Hub repo id: its files are fetched into the hub cache with
+    ``huggingface_hub.hf_hub_download`` and ``hub_kwargs`` (``revision``, ``cache_dir``, ``token``, ...).
+    ``subfolder`` is the adapter's folder inside ``path`` or the repo.
 
     Raises :class:`AdapterError` when ``path`` is not a readable LoRA adapter.
     """
-    config = read_adapter_config(path)
-    shapes = read_weight_shapes(path)
-    adaptive = read_adaptive_fields(path, config)
+    directory, name, notes = locate_adapter(path, subfolder, **hub_kwargs)
+    config = read_adapter_config(directory)
+    shapes = read_weight_shapes(directory)
+    adaptive = read_adaptive_fields(directory, config)
     modules, warnings = _module_infos(config, shapes, order=_allocation_names(adaptive))
     if not modules:
-        raise AdapterError(f"{weights_file(path)} holds no LoRA factors (no lora_A/lora_B tensors)")
+        raise AdapterError(f"{weights_file(directory)} holds no LoRA factors (no lora_A/lora_B tensors)")
     return AdapterSummary(
-        path=str(path),
+        path=name,
         peft_type=str(config.get("peft_type")),
         saved_by_plugin=adaptive is not None,
         base_model=config.get("base_model_name_or_path"),
@@ -198,7 +204,7 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterSummary:
         modules=modules,
         total_params=sum(math.prod(s) for s in shapes.values()),
         adaptive=adaptive,
-        warnings=warnings,
+        warnings=notes + warnings,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -12,6 +13,7 @@ from peft import LoraConfig
 from peft.utils import CONFIG_NAME
 
 from ._peft_type import ensure_peft_type
+from .hub_files import fetch_adapter_file, split_hub_kwargs
 
 #: Values of ``AdaptiveLoraConfig.score`` (implemented in :mod:`peft_adaptive.scores`).
 SCORES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
@@ -181,19 +183,41 @@ class AdaptiveLoraConfig(LoraConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load an adaptive config, also from an adapter that was saved as plain LoRA with a sidecar."""
-        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        sidecar = os.path.join(directory, ADAPTIVE_CONFIG_NAME)
-        if not os.path.isfile(sidecar):
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
+        """Load an adaptive config, also from an adapter that was saved as plain LoRA with a sidecar.
+
+        ``pretrained_model_name_or_path`` is a local folder or a Hugging Face Hub repo id. From the hub, the
+        sidecar and ``adapter_config.json`` are fetched with ``huggingface_hub.hf_hub_download`` and the keyword
+        arguments it takes (``revision``, ``cache_dir``, ``token``, ...), as ``PeftConfig.from_pretrained`` does;
+        other keyword arguments that name fields of this class override the saved values. An adapter without
+        the sidecar is loaded by PEFT's own loader.
+        """
+        hub_kwargs, overrides = split_hub_kwargs(kwargs)
+        unchecked = None
+        try:
+            sidecar = fetch_adapter_file(pretrained_model_name_or_path, ADAPTIVE_CONFIG_NAME, subfolder, **hub_kwargs)
+        except (OSError, ValueError) as exc:  # the hub cannot answer (no such repo, offline and not cached, ...)
+            sidecar, unchecked = None, exc
+        if sidecar is None:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            if unchecked is not None and config.peft_type == "LORA":
+                warnings.warn(
+                    f"{pretrained_model_name_or_path}: could not fetch {ADAPTIVE_CONFIG_NAME} "
+                    f"({type(unchecked).__name__}), so the adaptive fields of this adapter (if it has them) are not "
+                    "restored; loaded as plain LoRA",
+                    stacklevel=2,
+                )
+            return config
+        config_file = fetch_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **hub_kwargs)
+        if config_file is None:
+            raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}'")
+        with open(config_file) as f:
             data = json.load(f)
         with open(sidecar) as f:
             data.update(json.load(f))
         data.pop("peft_type", None)
         data.pop("auto_mapping", None)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in {**data, **kwargs}.items() if k in known})
+        return cls(**{k: v for k, v in {**data, **overrides}.items() if k in known})
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:

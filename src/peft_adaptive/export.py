@@ -40,8 +40,16 @@ from typing import Any
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .adapter_files import AdapterError, adaptive_field_names, load_weights, lora_factor_keys, read_adapter_config
+from .adapter_files import (
+    AdapterError,
+    adaptive_field_names,
+    load_weights,
+    locate_adapter,
+    lora_factor_keys,
+    read_adapter_config,
+)
 from .adapter_summary import AdapterSummary, ModuleInfo, inspect_adapter
+from .hub_files import is_local_path
 from .naming import pattern_key
 
 #: Export format name -> one-line description (also the CLI's help).
@@ -84,13 +92,19 @@ def export_adapter(
     format: str,
     base_model: str | None = None,
     force: bool = False,
+    subfolder: str | None = None,
+    **hub_kwargs: Any,
 ) -> Path:
     """Export the adapter in folder ``path`` to the new folder ``out`` in ``format`` (see :data:`EXPORT_FORMATS`).
 
     Args:
+        path: the adapter folder, or a Hugging Face Hub repo id (its adapter files are fetched into the hub
+            cache with ``hf_hub_download(**hub_kwargs)``, e.g. ``revision``; other files, such as a
+            tokenizer, are not fetched).
         base_model: base model for ``merged`` (local path or hub id); default the adapter config's
             ``base_model_name_or_path``. For the LoRA formats it is only recorded in the exported config.
         force: replace ``out`` if it exists and is not empty.
+        subfolder: the adapter's folder inside ``path`` or the repo.
 
     Returns ``out``. Raises :class:`~peft_adaptive.adapter_files.AdapterError` for a bad path, a corrupt or
     incomplete adapter, a base model that cannot be loaded, an unknown format or an existing ``out``;
@@ -103,7 +117,7 @@ def export_adapter(
     }
     if format not in writers:
         raise AdapterError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
-    source = Path(path)
+    source, _, _ = locate_adapter(path, subfolder, **hub_kwargs)
     summary = inspect_adapter(source)  # validates the folder, the config and the weights' header
     out = Path(out)
     _check_output(source, out, force)
@@ -174,7 +188,7 @@ def _write_merged(source: Path, tmp: Path, summary: AdapterSummary, base_model: 
             f"{source}/{CONFIG_NAME} records no base model (base_model_name_or_path is empty); pass --base-model "
             "with a local path or hub id"
         )
-    if _looks_like_local_path(base) and not os.path.isdir(base):
+    if is_local_path(base) and not os.path.isdir(base):
         hint = "" if base_model else " (recorded in the adapter config; pass --base-model to use another)"
         raise AdapterError(f"base model {base} does not exist or is not a folder{hint}")
     model_class = base_model_class(config)
@@ -271,18 +285,6 @@ def _save_tokenizer(base: str, directory: Path) -> None:
         AutoTokenizer.from_pretrained(base).save_pretrained(str(directory))
     except Exception:  # a model without a tokenizer is fine to merge
         return
-
-
-def _looks_like_local_path(name: str) -> bool:
-    """True unless ``name`` can be a hub id (``org/name`` or ``name``) that is not a local folder."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or os.sep != "/"
-        and os.sep in name
-        or os.path.exists(name)
-    )
 
 
 def _check_output(source: Path, out: Path, force: bool) -> None:

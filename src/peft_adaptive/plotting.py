@@ -106,9 +106,13 @@ def rank_figure(adapter: str | os.PathLike | AdapterSummary, logs: str | os.Path
 
 
 def plot_ranks(
-    path: str | os.PathLike, output: str | os.PathLike, logs: str | os.PathLike | None = None, dpi: int = 150
+    path: str | os.PathLike | AdapterSummary,
+    output: str | os.PathLike,
+    logs: str | os.PathLike | None = None,
+    dpi: int = 150,
 ) -> Path:
-    """Draw :func:`rank_figure` for the adapter in ``path`` into ``output`` (format from the suffix, default PNG).
+    """Draw :func:`rank_figure` for the adapter in ``path`` (a folder, a hub repo id, or the summary from
+    :func:`inspect_adapter`) into ``output`` (format from the suffix, default PNG).
 
     Returns the written path.
     """
