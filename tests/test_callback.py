@@ -22,15 +22,10 @@ from peft_adaptive import AdaptiveLoraCallback, AdaptiveLoraConfig
 from peft_adaptive.callback import CALLBACK_STATE_NAME, _refuse_sharded_backends
 from peft_adaptive.resize import cost_per_rank
 
-from .tiny_models import TokenDataset, tiny_bert, tiny_llama
+from .tiny_models import TokenDataset, adaptive_model, tiny_bert, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 3
-
-
-def adaptive_llama(warmup: int = WARMUP, **config) -> torch.nn.Module:
-    config = {"r": 4, "max_r": 12, "target_modules": "all-linear", "warmup_steps": warmup, **config}
-    return get_peft_model(tiny_llama(seed=0), AdaptiveLoraConfig(**config))
 
 
 def training_args(out: Path, **overrides) -> TrainingArguments:
@@ -100,7 +95,7 @@ def assert_budget_spent(tuner, adapter="default"):
 
 
 def test_reallocates_once_after_warmup_with_accumulation_and_clipping(tmp_path):
-    model = adaptive_llama()
+    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
     probe = GradientProbe()
     adaptive = AdaptiveLoraCallback()
     trainer = train(model, tmp_path, [adaptive, probe])
@@ -128,7 +123,7 @@ def test_reallocates_once_after_warmup_with_accumulation_and_clipping(tmp_path):
 
 
 def test_loss_keeps_falling_after_reallocation(tmp_path):
-    model = adaptive_llama(warmup=4)
+    model = adaptive_model(max_r=12, warmup_steps=4)
     data = TokenDataset(8, seed=1)  # small enough to memorise
     trainer = train(model, tmp_path, [AdaptiveLoraCallback()], dataset=data, max_steps=30, learning_rate=3e-2)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -147,7 +142,7 @@ def test_loss_keeps_falling_after_reallocation(tmp_path):
     ids=["bf16", "gradient-checkpointing", "ga4-tight-clipping", "no-clipping"],
 )
 def test_training_options(tmp_path, overrides):
-    model = adaptive_llama()
+    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
     probe = GradientProbe()
     adaptive = AdaptiveLoraCallback()
     train(model, tmp_path, [adaptive, probe], **overrides)
@@ -170,7 +165,7 @@ def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    model = adaptive_llama()
+    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
     probe, graphs, adaptive = GradientProbe(), GraphCount(), AdaptiveLoraCallback()
     trainer = train(model, tmp_path, [adaptive, probe, graphs], torch_compile=True, torch_compile_backend="aot_eager")
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
@@ -193,7 +188,7 @@ def test_encoder_classifier_with_modules_to_save(tmp_path):
 
 
 def test_only_the_trained_adapter_changes(tmp_path):
-    model = adaptive_llama()
+    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
     model.add_adapter("other", AdaptiveLoraConfig(r=2, target_modules=["q_proj", "v_proj"], warmup_steps=WARMUP))
     model.set_adapter("default")
     other_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".other." in n}
@@ -207,7 +202,7 @@ def test_only_the_trained_adapter_changes(tmp_path):
 
 @pytest.mark.parametrize("resume_step", [2, 4], ids=["during-warmup", "after-reallocation"])
 def test_resume_is_bit_identical(tmp_path, resume_step):
-    reference = adaptive_llama()
+    reference = adaptive_model(max_r=12, warmup_steps=WARMUP)
     train(reference, tmp_path / "a", [AdaptiveLoraCallback()], save_strategy="steps", save_steps=2)
     checkpoint = tmp_path / "a" / f"checkpoint-{resume_step}"
     state = torch.load(checkpoint / CALLBACK_STATE_NAME, weights_only=True)
@@ -215,7 +210,7 @@ def test_resume_is_bit_identical(tmp_path, resume_step):
     saved = json.loads((checkpoint / "adaptive_lora.json").read_text())
     assert saved["reallocation_step"] == state["reallocation_step"]
 
-    resumed = adaptive_llama()
+    resumed = adaptive_model(max_r=12, warmup_steps=WARMUP)
     adaptive = AdaptiveLoraCallback()
     train(resumed, tmp_path / "b", [adaptive], resume=str(checkpoint), save_strategy="steps", save_steps=2)
     assert resumed.base_model.ranks() == reference.base_model.ranks()
@@ -228,8 +223,8 @@ def test_resume_is_bit_identical(tmp_path, resume_step):
 
 def test_warmup_longer_than_run_is_an_error_unless_asked_for(tmp_path):
     with pytest.raises(ValueError, match="warmup_steps=8 is not shorter than the run"):
-        train(adaptive_llama(warmup=8), tmp_path / "a", [AdaptiveLoraCallback()])
-    model = adaptive_llama(warmup=8)
+        train(adaptive_model(max_r=12, warmup_steps=8), tmp_path / "a", [AdaptiveLoraCallback()])
+    model = adaptive_model(max_r=12, warmup_steps=8)
     with pytest.warns(UserWarning, match="training as plain LoRA"):
         train(model, tmp_path / "b", [AdaptiveLoraCallback(allow_plain_lora=True)])
     assert set(model.base_model.ranks().values()) == {4}
@@ -243,7 +238,7 @@ def test_callback_on_a_plain_lora_model_is_refused(tmp_path):
 
 def test_callback_added_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="added 2 times"):
-        train(adaptive_llama(), tmp_path, [AdaptiveLoraCallback(), AdaptiveLoraCallback()])
+        train(adaptive_model(max_r=12, warmup_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(), AdaptiveLoraCallback()])
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
@@ -332,14 +327,14 @@ def plugin_warnings():
 
 def test_warnings_are_clean_for_a_normal_run(tmp_path):
     with plugin_warnings() as ours:
-        train(adaptive_llama(), tmp_path, [AdaptiveLoraCallback()])
+        train(adaptive_model(max_r=12, warmup_steps=WARMUP), tmp_path, [AdaptiveLoraCallback()])
     assert [f"{w.category.__name__}: {w.message}" for w in ours] == []
 
 
 def test_plugin_warnings_sees_warnings_that_point_elsewhere(tmp_path):
     """The recorder above catches the plugin's own stacklevel warnings, which name transformers' files."""
     with plugin_warnings() as ours:
-        train(adaptive_llama(warmup=8), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
+        train(adaptive_model(max_r=12, warmup_steps=8), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
         warnings.warn("not the plugin's", UserWarning, stacklevel=1)
     assert len(ours) == 1 and ours[0].category is UserWarning
     assert "training as plain LoRA" in str(ours[0].message)

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from peft_adaptive.export import EXPORT_FORMATS, export_adapter
 from peft_adaptive.inspection import AdapterError, inspect_adapter, rank_grid, split_module_name
 from peft_adaptive.plotting import panel_count, plot_ranks, rank_figure
 
+from .fresh_process import load_adapters
 from .tiny_models import TokenDataset, tiny_gpt2, tiny_llama, token_batch
 
 WARMUP = 3
@@ -96,8 +96,6 @@ def trained(tmp_path_factory) -> dict:
         plain_logits = plain(inputs).logits
 
     torch.save(inputs, root / "inputs.pt")
-    torch.save(adaptive_logits, root / "adaptive_logits.pt")
-    torch.save(plain_logits, root / "plain_logits.pt")
     return {
         "root": root,
         "base": base_dir,
@@ -257,29 +255,6 @@ def test_plot_scores_from_trainer_logs(trained, tmp_path, capsys):
 
 # --- export ----------------------------------------------------------------------------------------------
 
-VANILLA_CHECK = textwrap.dedent(
-    """
-    import json, sys, torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base, inputs_file, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    inputs = torch.load(inputs_file)
-    result = {}
-    for adapter, reference in cases:
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-        with torch.no_grad():
-            logits = model(inputs).logits
-        result[adapter] = {
-            "type": type(model.peft_config["default"]).__name__,
-            "equal": bool(torch.equal(logits, torch.load(reference))),
-            "max_diff": float((logits - torch.load(reference)).abs().max()),
-        }
-    result["plugin_imported"] = any(name.startswith("peft_adaptive") for name in sys.modules)
-    print(json.dumps(result))
-    """
-)
-
 
 def test_export_lora_loads_in_vanilla_peft_with_identical_outputs(trained, capsys, tmp_path):
     """Both ways of saving the adaptive adapter, and the plain one, export to LoRA that vanilla PEFT (no plugin,
@@ -293,30 +268,16 @@ def test_export_lora_loads_in_vanilla_peft_with_identical_outputs(trained, capsy
         assert config["peft_type"] == "LORA" and "allocation" not in config and "warmup_steps" not in config
         assert not (out / "adaptive_lora.json").exists()
         assert all(k.startswith("^") and k.endswith("$") for k in config["rank_pattern"])
-        reference = trained["root"] / ("plain_logits.pt" if name == "plain" else "adaptive_logits.pt")
-        cases.append((str(out), str(reference)))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            VANILLA_CHECK,
-            str(trained["base"]),
-            str(trained["root"] / "inputs.pt"),
-            json.dumps(cases),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
+        reference = trained["plain_logits"] if name == "plain" else trained["adaptive_logits"]
+        cases.append((out, reference))
+    data = load_adapters(
+        trained["base"], trained["root"] / "inputs.pt", tmp_path / "logits", [out for out, _ in cases], plugin=False
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["plugin_imported"] is False
-    for adapter, _ in cases:
-        assert data[adapter]["type"] == "LoraConfig"
-        assert data[adapter]["equal"], (adapter, data[adapter]["max_diff"])
+    for adapter, reference in cases:
+        assert data[str(adapter)]["config"] == "LoraConfig", data[str(adapter)]
+        logits = torch.load(data[str(adapter)]["logits"])
+        assert torch.equal(logits, reference), (adapter, float((logits - reference).abs().max()))
 
 
 @pytest.mark.parametrize("name", ["adaptive", "plain"])

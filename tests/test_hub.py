@@ -26,7 +26,7 @@ from peft_adaptive.cli import main
 from peft_adaptive.config import ADAPTIVE_CONFIG_NAME
 from peft_adaptive.hub_files import fetch_adapter_file
 
-from .tiny_models import tiny_llama, token_batch
+from .tiny_models import adaptive_model, tiny_llama, token_batch
 
 OLD = "1" * 40  # commit of the adapter before the reallocation
 NEW = "2" * 40  # commit of the adapter after it (refs/main)
@@ -61,8 +61,7 @@ def mark_absent(cache: Path, repo_id: str, commit: str, filename: str) -> None:
 def adapters(tmp_path_factory) -> dict:
     """An adaptive adapter saved before and after its reallocation, and a plain LoRA adapter."""
     root = tmp_path_factory.mktemp("adapters")
-    config = AdaptiveLoraConfig(r=4, max_r=12, target_modules=["q_proj", "v_proj"], warmup_steps=3)
-    model = get_peft_model(tiny_llama(), config)
+    model = adaptive_model(max_r=12, target_modules=["q_proj", "v_proj"])
     model.save_pretrained(root / "before")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.start_signal_collection()
@@ -78,7 +77,7 @@ def adapters(tmp_path_factory) -> dict:
     assert len(set(ranks.values())) > 1
     plain = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     plain.save_pretrained(root / "plain")
-    return {"root": root, "config": config, "ranks": ranks}
+    return {"root": root, "ranks": ranks}
 
 
 @pytest.fixture

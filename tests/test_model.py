@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.lora import LoraModel
 from peft.utils.peft_types import PeftType
@@ -17,14 +17,8 @@ import peft_adaptive
 from peft_adaptive import AdaptiveLoraConfig, AdaptiveLoraModel
 from peft_adaptive.resize import cost_per_rank
 
-from .tiny_models import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+from .tiny_models import TINY_MODELS, TokenDataset, adaptive_model, tiny_llama
 
-MODELS = {
-    # name -> (factory, target modules, task type)
-    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM"),
-    "bert": (tiny_bert, ["query", "key", "value", "dense"], "SEQ_CLS"),
-    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], "CAUSAL_LM"),
-}
 R = 4
 WARMUP = 4
 AFTER = 14
@@ -37,15 +31,6 @@ def make_batch(name: str) -> dict[str, torch.Tensor]:
         "input_ids": torch.stack([item["input_ids"] for item in items]),
         "labels": torch.stack([torch.as_tensor(item["labels"]) for item in items]),
     }
-
-
-def adaptive_model(name: str, **config_kwargs) -> PeftModel:
-    factory, targets, task = MODELS[name]
-    config_kwargs.setdefault("r", R)
-    config = AdaptiveLoraConfig(
-        target_modules=targets, task_type=task, lora_dropout=0.0, warmup_steps=WARMUP, **config_kwargs
-    )
-    return get_peft_model(factory(), config)
 
 
 def trainable_ids(model: torch.nn.Module) -> set[int]:
@@ -65,12 +50,12 @@ def state_shapes_match(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=list(TINY_MODELS))
 def run(request):
     """Warmup with signals, reallocate with the optimizer, keep training; record everything on the way."""
     name = request.param
     torch.manual_seed(0)
-    model = adaptive_model(name, max_r=12)
+    model = adaptive_model(name, warmup_steps=WARMUP, max_r=12)
     tuner = model.base_model
     batch = make_batch(name)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -121,10 +106,10 @@ def optimizer_ids_params(optimizer):
 # --- construction ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_default_budget_is_plain_lora_at_rank_r(name):
-    factory, targets, task = MODELS[name]
-    model = adaptive_model(name)
+    factory, targets, task = TINY_MODELS[name]
+    model = adaptive_model(name, warmup_steps=WARMUP)
     tuner = model.base_model
     assert type(tuner) is AdaptiveLoraModel
     assert isinstance(tuner, LoraModel)
@@ -142,7 +127,7 @@ def test_default_budget_is_plain_lora_at_rank_r(name):
 
 
 def test_explicit_param_budget_is_used():
-    model = adaptive_model("llama", param_budget=5000)
+    model = adaptive_model("llama", warmup_steps=WARMUP, param_budget=5000)
     assert model.base_model.param_budget() == 5000
 
 
@@ -248,7 +233,7 @@ def test_every_adapter_tensor_trains_after_reallocation(run):
 
 
 def test_reallocate_needs_signals():
-    model = adaptive_model("llama")
+    model = adaptive_model("llama", warmup_steps=WARMUP)
     with pytest.raises(RuntimeError, match="start_signal_collection"):
         model.base_model.reallocate()
     with pytest.raises(RuntimeError, match="start_signal_collection"):
@@ -260,7 +245,7 @@ def test_reallocate_needs_signals():
 
 def test_reallocating_one_adapter_leaves_the_other_alone():
     torch.manual_seed(0)
-    model = adaptive_model("llama", max_r=12)
+    model = adaptive_model("llama", warmup_steps=WARMUP, max_r=12)
     model.add_adapter(
         "other",
         AdaptiveLoraConfig(r=3, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,46 +15,12 @@ from safetensors.torch import load_file
 from peft_adaptive import AdaptiveLoraConfig, AdaptiveLoraModel
 from peft_adaptive.config import ADAPTIVE_CONFIG_NAME
 
+from .fresh_process import loader_result, start_loader
 from .tiny_models import TokenDataset, tiny_llama
 
 TARGETS = ["embed_tokens", "q_proj", "v_proj", "o_proj", "down_proj"]
 ADAPTIVE_FIELDS = dict(
     min_r=1, max_r=10, warmup_steps=3, grad_weight=0.7, delta_weight=0.3, score_exponent=1.5, param_budget=3000
-)
-
-# Loads the saved adapters in a fresh interpreter; argv: root directory, "plugin" or "vanilla".
-LOADER = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    torch.set_num_threads(1)
-    root, mode = sys.argv[1], sys.argv[2]
-    if mode == "plugin":
-        import peft_adaptive  # noqa: F401
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.load(f"{root}/ids.pt")
-    result = {}
-    for name in ("lora", "adaptive"):
-        try:
-            base = AutoModelForCausalLM.from_pretrained(f"{root}/base")
-            model = PeftModel.from_pretrained(base, f"{root}/{name}").eval()
-        except Exception as e:  # noqa: BLE001
-            result[name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        with torch.no_grad():
-            torch.save(model(ids).logits, f"{root}/logits_{mode}_{name}.pt")
-        tuner = model.base_model
-        result[name] = {
-            "tuner": type(tuner).__name__,
-            "config": type(model.peft_config["default"]).__name__,
-            "peft_type": model.peft_config["default"].peft_type.value,
-            "ranks": {n: m.r["default"] for n, m in tuner.model.named_modules() if isinstance(getattr(m, "r", None), dict)},
-        }
-    result["plugin_imported"] = "peft_adaptive" in sys.modules
-    print("RESULT " + json.dumps(result))
-    """
 )
 
 
@@ -102,23 +65,17 @@ def saved(tmp_path_factory):
         model.save_pretrained(root / "adaptive")
         config.save_as_lora = True
 
-        script = root / "load.py"
-        script.write_text(LOADER)
+        # both saves, loaded in two fresh processes at once: with the plugin and with vanilla PEFT
+        adapters = {name: root / name for name in ("lora", "adaptive")}
         procs = {
-            mode: subprocess.Popen(
-                [sys.executable, str(script), str(root), mode],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for mode in ("plugin", "vanilla")
+            mode: start_loader(root / "base", root / "ids.pt", root / f"logits_{mode}", list(adapters.values()), plugin)
+            for mode, plugin in (("plugin", True), ("vanilla", False))
         }
         results = {}
         for mode, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=300)
-            assert proc.returncode == 0, stderr[-3000:]
-            line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
-            results[mode] = json.loads(line[len("RESULT ") :])
+            result = loader_result(proc)
+            results[mode] = {name: result[str(path)] for name, path in adapters.items()}
+            results[mode]["plugin_imported"] = result["plugin_imported"]
         yield {
             "root": root,
             "model": model,
@@ -133,7 +90,7 @@ def saved(tmp_path_factory):
 
 
 def loaded_logits(saved, mode: str, name: str) -> torch.Tensor:
-    return torch.load(saved["root"] / f"logits_{mode}_{name}.pt")
+    return torch.load(saved["results"][mode][name]["logits"])
 
 
 def test_reallocation_made_uneven_ranks(saved):

@@ -12,12 +12,10 @@ from peft_adaptive import AdaptiveLoraConfig
 from peft_adaptive.resize import lora_parameters
 from peft_adaptive.signals import ModuleSignals, SignalCollector, combine_scores
 
-from .tiny_models import tiny_llama, token_batch
+from .tiny_models import adaptive_model, token_batch
 
-
-def adaptive_llama(**config):
-    config = {"r": 4, "target_modules": "all-linear", "warmup_steps": 5, "init_lora_weights": False, **config}
-    return get_peft_model(tiny_llama(), AdaptiveLoraConfig(**config))
+#: the signal tests: 5 warmup steps; random lora_B (init_lora_weights=False), so both factors get gradients at once
+CONFIG = {"warmup_steps": 5, "init_lora_weights": False}
 
 
 def loss_of(model, batch):
@@ -25,7 +23,7 @@ def loss_of(model, batch):
 
 
 def test_gradient_signal_is_the_mean_rms_over_steps():
-    model = adaptive_llama()
+    model = adaptive_model(**CONFIG)
     collector = model.start_signal_collection()
     layers = model.base_model.adapted_modules()
     expected = {name: 0.0 for name in layers}
@@ -42,7 +40,7 @@ def test_gradient_signal_is_the_mean_rms_over_steps():
 
 
 def test_delta_signal_equals_the_direct_computation():
-    model = adaptive_llama(delta_weight=0.5)
+    model = adaptive_model(**CONFIG, delta_weight=0.5)
     collector = model.start_signal_collection()
     assert collector.tracks_delta
     layers = model.base_model.adapted_modules()
@@ -75,7 +73,7 @@ def test_signals_are_comparable_across_shapes():
 
 def test_skipped_fp16_steps_add_no_signal():
     """A real GradScaler with a huge initial scale overflows and skips steps; those steps must not count."""
-    model = adaptive_llama()
+    model = adaptive_model(**CONFIG)
     collector = model.start_signal_collection()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=1000, backoff_factor=2.0**-8)
@@ -99,7 +97,7 @@ def test_skipped_fp16_steps_add_no_signal():
 
 @pytest.mark.parametrize("track_delta", [True, False])
 def test_collector_state_round_trip(track_delta):
-    model = adaptive_llama()
+    model = adaptive_model(**CONFIG)
     collector = model.start_signal_collection(track_delta=track_delta)
     loss_of(model, token_batch()).backward()
     collector.record_gradients()
@@ -120,7 +118,7 @@ def test_combine_scores_normalises_each_signal():
 
 def test_default_weights_hold_no_snapshot_and_still_reallocate():
     """delta_weight == 0 (the default): no float32 copy of the adapter, no delta in the report."""
-    model = adaptive_llama()
+    model = adaptive_model(**CONFIG)
     collector = model.start_signal_collection()
     assert not collector.tracks_delta and collector.delta_rms() is None
     assert collector.state_dict()["snapshot"] is None
@@ -139,7 +137,7 @@ def test_delta_weight_without_the_delta_signal_is_an_error():
 
 
 def test_reallocate_without_signals_is_an_error():
-    model = adaptive_llama()
+    model = adaptive_model(**CONFIG)
     with pytest.raises(RuntimeError, match="start_signal_collection"):
         model.reallocate()
     with pytest.raises(RuntimeError, match="start_signal_collection"):

@@ -1,8 +1,12 @@
-"""Tiny randomly initialised models built from configs (no downloads), shared by the tests."""
+"""Tiny randomly initialised models built from configs (no downloads), shared by the tests.
+
+:func:`adaptive_model` is the one factory of adaptive PEFT models on them.
+"""
 
 from __future__ import annotations
 
 import torch
+from peft import PeftModel, get_peft_model
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -47,6 +51,26 @@ def tiny_gpt2(seed: int = 0, layers: int = 2) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64)
     return GPT2LMHeadModel(config)
+
+
+#: name -> (factory, the linear layers of its blocks, PEFT task type)
+TINY_MODELS = {
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM"),
+    "bert": (tiny_bert, ["query", "key", "value", "dense"], "SEQ_CLS"),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], "CAUSAL_LM"),
+}
+
+
+def adaptive_model(base: str = "llama", seed: int = 0, **config) -> PeftModel:
+    """``get_peft_model`` of the tiny ``base`` model (drawn from ``seed``) with ``AdaptiveLoraConfig(**config)``.
+
+    Defaults: r=4 on the linear layers of every block, the model's task type, 3 warmup steps.
+    """
+    from peft_adaptive import AdaptiveLoraConfig
+
+    factory, targets, task = TINY_MODELS[base]
+    config = {"r": 4, "target_modules": targets, "task_type": task, "warmup_steps": 3, **config}
+    return get_peft_model(factory(seed=seed), AdaptiveLoraConfig(**config))
 
 
 def token_batch(batch: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:

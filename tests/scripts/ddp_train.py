@@ -16,11 +16,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 warnings.simplefilter("ignore")
 
-from peft import get_peft_model  # noqa: E402
-from tests.tiny_models import TokenDataset, tiny_llama  # noqa: E402
+from tests.tiny_models import TokenDataset, adaptive_model  # noqa: E402
 
 import peft_adaptive.callback  # noqa: E402
-from peft_adaptive import AdaptiveLoraCallback, AdaptiveLoraConfig  # noqa: E402
+from peft_adaptive import AdaptiveLoraCallback  # noqa: E402
 
 
 class CrossProcessCheck(TrainerCallback):
@@ -47,9 +46,7 @@ def main() -> None:
     out = sys.argv[1]
     if "--no-rewrap" in sys.argv:
         peft_adaptive.callback._rewrap_distributed = lambda trainer: None
-    model = get_peft_model(
-        tiny_llama(seed=0), AdaptiveLoraConfig(r=4, max_r=12, target_modules="all-linear", warmup_steps=3)
-    )
+    model = adaptive_model(max_r=12)
     args = TrainingArguments(
         output_dir=out + ".run",
         max_steps=7,
