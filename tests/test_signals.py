@@ -142,3 +142,19 @@ def test_reallocate_without_signals_is_an_error():
         model.reallocate()
     with pytest.raises(RuntimeError, match="start_signal_collection"):
         model.record_gradients()
+
+
+def test_a_warmup_without_a_finite_step_keeps_the_ranks_and_warns():
+    """fp16 overflow on every warmup step: no allocation from garbage; the adapter stays plain LoRA."""
+    model = adaptive_model(warmup_steps=2, init_lora_weights=False)
+    tuner = model.base_model
+    before = tuner.ranks()
+    tuner.start_signal_collection()
+    for _ in range(2):
+        model.zero_grad()
+        (loss_of(model, token_batch()) * float("inf")).backward()
+        tuner.record_gradients()
+    with pytest.warns(UserWarning, match="no finite gradient step.*keeping the current ranks"):
+        report = tuner.reallocate()
+    assert tuner.ranks() == before and report.signal_steps == 0
+    assert report.ranks_after == report.ranks_before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -208,6 +209,16 @@ class AdaptiveLoraModel(LoraModel):
         modules = self.adapted_modules(adapter_name)
         costs = [cost_per_rank(modules[n], adapter_name) for n in signals.names]
         budget = self.param_budget(adapter_name)
+        if ranks is None and signals.steps == 0:
+            # Every recorded step had non-finite gradients (e.g. fp16 overflow throughout): scores from them would
+            # be garbage, so nothing is reallocated and the adapter stays plain LoRA at its current ranks.
+            warnings.warn(
+                f"adaptive LoRA: no finite gradient step was recorded for adapter {adapter_name!r} before the "
+                "reallocation (every step overflowed or none was recorded); keeping the current ranks (plain LoRA). "
+                "Check the loss scale / learning rate, or record more steps.",
+                stacklevel=3,
+            )
+            ranks = {n: modules[n].r[adapter_name] for n in signals.names}
         if ranks is None:
             scored = score_and_allocate(
                 config.score,
