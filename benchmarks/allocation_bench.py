@@ -509,7 +509,13 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            recent = statistics.fmean(losses[-50:])
+            print(
+                f"step {step}/{suite.steps}: train loss {recent:.5f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
         if collecting and step == suite.warmup:
             collecting = False
             ranks = (
