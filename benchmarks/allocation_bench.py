@@ -383,6 +383,7 @@ class Method:
     allocation: str = "uniform"  # a score, "uniform", "random" or "ramp"
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
+    exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
 
 
 def parse_method(name: str) -> Method:
@@ -396,6 +397,7 @@ def parse_method(name: str) -> Method:
         return Method(name, "default")
     kind, _, rest = name.partition("-")
     allocation, _, growth = rest.rpartition("-")
+    allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
     allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
     if kind not in ("warm", "calib") or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
@@ -404,7 +406,7 @@ def parse_method(name: str) -> Method:
         )
     if kind == "warm" and allocation == "uniform":
         raise SystemExit("warm-uniform-* would be plain LoRA: use lora")
-    return Method(name, kind, allocation, growth)
+    return Method(name, kind, allocation, growth, exponent=float(exponent) if exponent else 1.0)
 
 
 def module_layer(name: str) -> int:
@@ -461,7 +463,13 @@ def build(method: Method, task: Task, model):
     )
     if method.kind != "default":
         score = method.allocation if method.allocation in SCORE_NAMES else "norms"
-        adaptive_kwargs.update(min_r=suite.min_r, max_r=suite.max_r_factor * suite.r, score=score, growth=method.growth)
+        adaptive_kwargs.update(
+            min_r=suite.min_r,
+            max_r=suite.max_r_factor * suite.r,
+            score=score,
+            growth=method.growth,
+            score_exponent=method.exponent,
+        )
     return get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
 
 

@@ -80,7 +80,10 @@ class AdaptiveLoraConfig(LoraConfig):
     delta_weight: float = field(default=0.0, metadata={"help": "Weight of the weight-delta signal (>= 0)."})
     score_exponent: float = field(
         default=1.0,
-        metadata={"help": "Ranks are proportional to score ** score_exponent (0: uniform; >1: sharper)."},
+        metadata={
+            "help": "Ranks are proportional to score ** score_exponent (0: uniform; >1: sharper). For the spectrum "
+            "scores, a singular direction is worth sigma ** (2 * score_exponent)."
+        },
     )
     save_as_lora: bool = field(
         default=True,

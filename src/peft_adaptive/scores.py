@@ -11,7 +11,7 @@
   accumulated ``dL/dB = s G A^T`` (a random sketch of it); ranks proportional to ``score ** score_exponent``.
   Summing before taking the norm keeps what the steps agree on and averages out the noise, unlike ``norms``.
 * ``"spectral"``: the singular values ``sigma_ij`` of each module's learned update ``s B A`` after the warmup;
-  ranks from one global threshold on ``sigma_ij^2`` per parameter
+  ranks from one global threshold on ``sigma_ij^(2 * score_exponent)`` per parameter
   (:func:`~peft_adaptive.allocation.allocate_by_spectrum`).
 * ``"gradient_spectrum"``: the singular values of each module's mean full-weight gradient, from the
   row-space sketch (:mod:`peft_adaptive.sketch`; from the ``dL/dB`` sketch for layers that cannot be
@@ -86,7 +86,9 @@ def score_and_allocate(
         values = [_per_entry_rms(s, layer_shape) for s, layer_shape in zip(spectra, _shapes(collector))]
     elif score in ("spectral", "gradient_spectrum"):
         spectra = collector.update_spectra() if score == "spectral" else gradient_spectra(collector)
-        energies = [[v * v for v in s] for s in spectra]
+        # a direction is worth sigma^2 (first-order loss decrease under gradient descent); score_exponent 0.5
+        # values it at sigma, closer to what a sign-like optimizer (Adam) gains along it
+        energies = [[v ** (2 * exponent) for v in s] for s in spectra]
         allocation = allocate_by_spectrum(energies, costs, budget, min_r, max_r)
         return ScoredAllocation(normalise([sum(e) for e in energies]), allocation)
     else:
