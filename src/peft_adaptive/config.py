@@ -14,6 +14,7 @@ from peft.utils import CONFIG_NAME
 
 from ._peft_type import ensure_peft_type
 from .hub_files import fetch_adapter_file, split_hub_kwargs
+from .options import check_lora_options, saved_config
 
 #: Values of ``AdaptiveLoraConfig.score`` (implemented in :mod:`peft_adaptive.scores`).
 SCORES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
@@ -148,11 +149,7 @@ class AdaptiveLoraConfig(LoraConfig):
                 self.param_budget,
                 "None (plain LoRA's count at rank r) or an integer >= 1",
             )
-        if self.target_parameters:
-            raise ValueError(
-                "target_parameters is not supported by AdaptiveLoraConfig: parameter-wrapped (MoE) LoRA layers "
-                "cannot be resized; use target_modules"
-            )
+        check_lora_options(self)  # every LoraConfig option is resized, has no effect on resizing, or is refused
 
     # --- saving --------------------------------------------------------------------------------------
 
@@ -164,6 +161,9 @@ class AdaptiveLoraConfig(LoraConfig):
     def adaptive_fields(self) -> dict[str, Any]:
         """The fields this class adds to ``LoraConfig``, with their values."""
         return {name: getattr(self, name) for name in self.adaptive_field_names()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return saved_config(super().to_dict())
 
     def to_lora_dict(self) -> dict[str, Any]:
         """This config as a plain ``LoraConfig`` dict that vanilla PEFT loads (``peft_type: LORA``)."""

@@ -17,6 +17,7 @@ from .resize import ResizeKind, cost_per_rank, initialise_lora_layer, lora_facto
 from .scores import score_and_allocate, trackers_for
 from .signals import SignalCollector
 from .sketch import gradient_directions
+from .variants import after_injection, before_injection
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,22 @@ class AdaptiveLoraModel(LoraModel):
         config = self.peft_config[adapter_name]
         if isinstance(config, AdaptiveLoraConfig) and not config.inference_mode:
             self._check_budget(adapter_name)
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        # KaSA truncates the base weight at injection; keep what a later shrink needs to undo part of it
+        snapshot = before_injection(lora_config, target) if isinstance(lora_config, AdaptiveLoraConfig) else None
+        super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
+        after_injection(getattr(parent, target_name, None), adapter_name, snapshot)
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(cls, peft_model, peft_config, path, output_state_dict, kwargs):
+        if isinstance(peft_config, AdaptiveLoraConfig) and len(set((peft_config.rank_pattern or {}).values())) > 1:
+            raise ValueError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...) cannot convert an adapter whose ranks "
+                "were reallocated: PEFT's conversion concatenates the initial adapter and doubles every rank, which "
+                "only holds when the ranks did not change. Save the residual base model with the adapter instead."
+            )
+        return super()._convert_state_dict_for_initial_model(peft_model, peft_config, path, output_state_dict, kwargs)
 
     # --- introspection -----------------------------------------------------------------------------
 
