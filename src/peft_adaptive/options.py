@@ -87,8 +87,8 @@ LORA_OPTIONS: dict[str, Option] = {
     # sub-configs of init_lora_weights values
     "loftq_config": Option(NO_EFFECT, "settings of init_lora_weights='loftq' (refused, see there)"),
     "eva_config": Option(NO_EFFECT, "settings of init_lora_weights='eva' (refused, see there); ignored otherwise"),
-    "corda_config": Option(NO_EFFECT, "settings of init_lora_weights='corda' (see there)"),
-    "lora_ga_config": Option(NO_EFFECT, "settings of init_lora_weights='lora_ga' (see there)"),
+    "corda_config": Option(NO_EFFECT, "settings of init_lora_weights='corda' (refused, see there)"),
+    "lora_ga_config": Option(NO_EFFECT, "settings of init_lora_weights='lora_ga' (refused, see there)"),
     "init_lora_weights": Option(RESIZED, "per value, see INIT_LORA_WEIGHTS"),
     # refused
     "target_parameters": Option(
@@ -159,8 +159,8 @@ INIT_LORA_WEIGHTS: dict[Any, Option] = {
     ),
     "corda": Option(
         REFUSED,
-        "CorDA needs a calibration pass over your data (preprocess_corda) that builds rank-sized per-module caches "
-        "before get_peft_model; this combination is not verified by this package's tests",
+        "CorDA needs a calibration pass over your data (preprocess_corda) before get_peft_model and changes the base "
+        "weight from it; this combination is not verified by this package's tests",
     ),
     "lora_ga": Option(
         REFUSED,
