@@ -19,7 +19,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.config import ArrowConfig, BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
+from peft.tuners.lora.config import (
+    ArrowConfig,
+    BdLoraConfig,
+    KasaConfig,
+    LoraGAConfig,
+    MontecloraConfig,
+    VeloraConfig,
+)
 from torch import nn
 
 from peft_adaptive import AdaptiveLoraConfig
@@ -45,7 +52,6 @@ AT_DEFAULT = {
     "eva_config": "used only with init_lora_weights='eva' (refused)",
     "corda_config": "used only with init_lora_weights='corda' (refused)",
     "loftq_config": "used only with init_lora_weights='loftq' (refused)",
-    "lora_ga_config": "used only with init_lora_weights='lora_ga' (refused)",
 }
 
 
@@ -58,6 +64,11 @@ def _conv_model(dims: int, seed: int = 0) -> nn.Module:
 def _embed_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 12))
+
+
+def _mha_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
 
 
 # base name -> (factory, inputs, is a transformers model)
@@ -83,7 +94,17 @@ class Case:
     covers: tuple = ()  # LoraConfig fields / init_lora_weights values this case sets
     tol: float = 0.0  # grow and reload: largest allowed |difference| of the outputs
     residual_base: bool = False  # the init changes the base weight: save that base with the adapter
+    prepare: object = None  # prepare(base_model, config, inputs): a preprocessing pass PEFT needs before injection
     inputs: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _loraga_gradients(base: nn.Module, config: LoraConfig, inputs: torch.Tensor) -> None:
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    def train_step():
+        base(input_ids=inputs, labels=inputs).loss.backward()
+
+    preprocess_loraga(base, config, train_step=train_step)
 
 
 def _cases() -> list[Case]:
@@ -122,6 +143,14 @@ def _cases() -> list[Case]:
             residual_base=True,
         ),
         Case("olora", "llama", {**llama, "init_lora_weights": "olora"}, ("olora",), residual_base=True),
+        Case(
+            "lora-ga",
+            "llama",
+            {**llama, "init_lora_weights": "lora_ga", "lora_ga_config": LoraGAConfig()},
+            ("lora_ga", "lora_ga_config"),
+            residual_base=True,
+            prepare=_loraga_gradients,
+        ),
         Case("mica", "llama", {**llama, "init_lora_weights": "mica"}, ("mica",)),
         Case("kasa", "llama", {**llama, "kasa_config": KasaConfig()}, ("kasa_config",), tol=2e-5),
         Case(
@@ -215,7 +244,11 @@ def _run_case(case: Case, folder: Path) -> dict:
     if case.id == "alora":
         case.inputs = _alora_inputs(case.inputs)
     original = factory(seed=0)
-    model = get_peft_model(copy.deepcopy(original), AdaptiveLoraConfig(r=4, warmup_steps=1, **case.config))
+    config = AdaptiveLoraConfig(r=4, warmup_steps=1, **case.config)
+    base = copy.deepcopy(original)
+    if case.prepare is not None:
+        case.prepare(base, config, case.inputs)
+    model = get_peft_model(base, config)
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for _ in range(2):  # B != 0, so that the shrink has an update to approximate
@@ -306,7 +339,8 @@ def test_every_accepted_option_is_exercised_by_a_case():
         if option.status != REFUSED:
             assert value in covered, f"no case exercises init_lora_weights={value!r}"
     kinds = {case.base for case in CASES}
-    assert {"llama", "gpt2", "embed", "conv1d", "conv2d", "conv3d"} <= kinds  # Linear, Conv1D, Embedding, ConvNd
+    # Linear, Conv1D, Embedding, Conv1d/2d/3d (bitsandbytes layers: tests/test_qlora.py)
+    assert {"llama", "gpt2", "embed", "conv1d", "conv2d", "conv3d"} <= kinds
 
 
 def test_every_accepted_option_resizes_trains_and_reloads_with_vanilla_peft(tmp_path):
@@ -376,3 +410,8 @@ def test_path_initial_model_conversion_is_refused_after_a_reallocation(tmp_path)
     model.base_model.resize_adapter({n: 2 + i % 2 for i, n in enumerate(names)})
     with pytest.raises(ValueError, match="path_initial_model_for_weight_conversion.*reallocated"):
         model.save_pretrained(tmp_path / "a", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+
+
+def test_multihead_attention_is_refused_at_get_peft_model():
+    with pytest.raises(TypeError, match="MultiheadAttention: PEFT gives its out_proj adapter the rank of its in_proj"):
+        get_peft_model(_mha_model(), AdaptiveLoraConfig(r=4, target_modules=["self_attn"]))

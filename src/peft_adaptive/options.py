@@ -88,7 +88,7 @@ LORA_OPTIONS: dict[str, Option] = {
     "loftq_config": Option(NO_EFFECT, "settings of init_lora_weights='loftq' (refused, see there)"),
     "eva_config": Option(NO_EFFECT, "settings of init_lora_weights='eva' (refused, see there); ignored otherwise"),
     "corda_config": Option(NO_EFFECT, "settings of init_lora_weights='corda' (refused, see there)"),
-    "lora_ga_config": Option(NO_EFFECT, "settings of init_lora_weights='lora_ga' (refused, see there)"),
+    "lora_ga_config": Option(NO_EFFECT, "settings of init_lora_weights='lora_ga' (see there)"),
     "init_lora_weights": Option(RESIZED, "per value, see INIT_LORA_WEIGHTS"),
     # refused
     "target_parameters": Option(
@@ -163,9 +163,9 @@ INIT_LORA_WEIGHTS: dict[Any, Option] = {
         "weight from it; this combination is not verified by this package's tests",
     ),
     "lora_ga": Option(
-        REFUSED,
-        "LoRA-GA needs a gradient pass over your data (preprocess_loraga) before get_peft_model; this combination "
-        "is not verified by this package's tests",
+        NO_EFFECT,
+        "LoRA-GA (after preprocess_loraga) starts the adapter from gradient directions and subtracts that start from "
+        "the base weight, as PiSSA does: the resize works on B A on top of that base; save it with the adapter",
     ),
     "eva": Option(
         REFUSED,

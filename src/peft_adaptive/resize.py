@@ -269,6 +269,12 @@ def _is_linear_like(layer: LoraLayer, adapter: str) -> bool:
 def _check_supported(layer: LoraLayer, adapter: str) -> None:
     if adapter not in layer.r:
         raise KeyError(f"adapter {adapter!r} is not present in this layer (has {sorted(layer.r)})")
+    if isinstance(layer, lora_layers.MultiheadAttention):
+        raise TypeError(
+            "cannot resize LoRA layer of type MultiheadAttention: PEFT gives its out_proj adapter the rank of its "
+            "in_proj adapter (no rank_pattern entry of its own), so different ranks could not be saved and reloaded; "
+            "target the attention's Linear layers instead"
+        )
     supported = isinstance(layer, (lora_layers.Embedding, lora_layers._ConvNd)) or _is_linear_like(layer, adapter)
     if not supported:
         raise TypeError(_unsupported_reason(layer, adapter))

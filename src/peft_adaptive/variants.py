@@ -70,7 +70,8 @@ def update_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.
 
 def base_matrix(layer: LoraLayer) -> torch.Tensor:
     """The base weight as the ``[fan_out, fan_in]`` matrix the update is added to (float64 copy)."""
-    weight = layer.get_base_layer().weight.detach()
+    base = layer.get_base_layer()
+    weight = (base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight).detach()
     if isinstance(layer, lora_layers.Embedding):
         return weight.double().T
     weight = weight.double()
