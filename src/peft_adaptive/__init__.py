@@ -12,6 +12,7 @@ from .adapter_summary import AdapterSummary, inspect_adapter
 from .allocation import Allocation, allocate_ranks
 from .calibration import calibrate_adaptive_lora
 from .callback import AdaptiveLoraCallback
+from .checkpoints import last_complete_checkpoint
 from .config import ADAPTIVE_PEFT_TYPE, AdaptiveLoraConfig
 from .export import EXPORT_FORMATS, export_adapter
 from .model import AdaptiveLoraModel, AllocationReport
@@ -40,6 +41,7 @@ __all__ = [
     "calibrate_adaptive_lora",
     "export_adapter",
     "inspect_adapter",
+    "last_complete_checkpoint",
     "plot_ranks",
     "resize_factors",
     "resize_lora_layer",

@@ -188,3 +188,56 @@ def lora_factor_keys(keys: Iterable[str]) -> dict[str, dict[str, str]]:
         factor = "A" if match["factor"].endswith("A") else "B"
         modules.setdefault(module_name(match["module"]), {})[factor] = key
     return modules
+
+
+def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path} is not a readable JSON file (truncated or corrupt?): {exc}") from exc
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_config_and_sidecar(config_file: str | os.PathLike, sidecar: str | os.PathLike) -> dict[str, Any]:
+    """``adapter_config.json`` updated with the ``adaptive_lora.json`` sidecar, both checked.
+
+    Raises :class:`AdapterError` naming the file when either is not a JSON object, and when the sidecar's
+    allocation names modules the adapter's weights do not have or gives them other ranks than the weights
+    (when the weights file is beside the sidecar).
+    """
+    data = _read_json_object(config_file)
+    extra = _read_json_object(sidecar)
+    allocation = extra.get("allocation")
+    if allocation is not None:
+        _check_allocation(Path(sidecar), allocation)
+    data.update(extra)
+    return data
+
+
+def _check_allocation(sidecar: Path, allocation: Any) -> None:
+    if not isinstance(allocation, dict):
+        raise AdapterError(f"{sidecar}: 'allocation' must be a JSON object, got {type(allocation).__name__}")
+    names, ranks = allocation.get("names"), allocation.get("ranks_after")
+    if names is None or ranks is None:
+        return
+    if not isinstance(names, list) or not isinstance(ranks, list) or len(names) != len(ranks):
+        raise AdapterError(f"{sidecar}: allocation 'names' and 'ranks_after' must be lists of the same length")
+    try:
+        shapes = read_weight_shapes(sidecar.parent)
+    except AdapterError:
+        return  # no weights beside it (a hub config fetched alone): nothing to compare with
+    saved = {module: shapes[keys["A"]][0] for module, keys in lora_factor_keys(shapes).items() if "A" in keys}
+    unknown = [n for n, r in zip(names, ranks) if r and n not in saved]
+    if unknown:
+        raise AdapterError(
+            f"{sidecar}: the allocation names modules that the adapter's weights do not have: {unknown[:5]}"
+            f"{' ...' if len(unknown) > 5 else ''} (the weights have {sorted(saved)[:5]} ...)"
+        )
+    wrong = [
+        f"{n}: rank {r} in the sidecar, {saved[n]} in the weights" for n, r in zip(names, ranks) if saved.get(n, 0) != r
+    ]
+    if wrong:
+        raise AdapterError(f"{sidecar}: the allocation's ranks disagree with the adapter's weights: {wrong[:5]}")

@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoints import atomic_write, is_complete_checkpoint, last_complete_checkpoint
 from .model import AdaptiveLoraModel, AllocationReport
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class AdaptiveLoraCallback(TrainerCallback):
         collector = self._tuner._signal_collectors.get(self.adapter_name) if self._collecting else None
         if collector is not None:
             payload["signals"] = collector.state_dict()
-        torch.save(payload, os.path.join(folder, CALLBACK_STATE_NAME))
+        # atomically, and last: the file marks the checkpoint complete (see peft_adaptive.checkpoints)
+        atomic_write(os.path.join(folder, CALLBACK_STATE_NAME), lambda f: torch.save(payload, f))
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -132,11 +134,20 @@ class AdaptiveLoraCallback(TrainerCallback):
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> bool:
         """Restore signals/flags from the checkpoint being resumed; True if signals were restored."""
+        resumed = _resumed_checkpoint()
+        if resumed is not None and not is_complete_checkpoint(resumed):
+            # trainer_state.json missing makes Trainer start at step 0 with the checkpoint's weights: never silently
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resumed)))
+            raise RuntimeError(
+                f"{resumed} is not a complete checkpoint: it lacks {CALLBACK_STATE_NAME} or trainer_state.json, which "
+                "are written last (the process was probably killed while saving it, or it was saved without "
+                "AdaptiveLoraCallback). Resume from peft_adaptive.last_complete_checkpoint(output_dir) instead"
+                + (f" (here: {last})" if last else " (none is complete here: start again)")
+                + "; resume_from_checkpoint=True takes the newest folder, finished or not."
+            )
         if state.global_step == 0:
             return False
-        checkpoint = _resumed_checkpoint() or os.path.join(
-            args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        )
+        checkpoint = resumed or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = os.path.join(checkpoint, CALLBACK_STATE_NAME)
         if not os.path.isfile(path):
             if state.global_step < self.config.warmup_steps:

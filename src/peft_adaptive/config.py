@@ -13,7 +13,10 @@ from peft import LoraConfig
 from peft.utils import CONFIG_NAME
 
 from ._peft_type import ensure_peft_type
+from .checkpoints import atomic_write_text
 from .hub_files import fetch_adapter_file, split_hub_kwargs
+from .model_card import add_lora_tags
+from .options import check_lora_options, saved_config
 
 #: Values of ``AdaptiveLoraConfig.score`` (implemented in :mod:`peft_adaptive.scores`).
 SCORES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
@@ -148,11 +151,7 @@ class AdaptiveLoraConfig(LoraConfig):
                 self.param_budget,
                 "None (plain LoRA's count at rank r) or an integer >= 1",
             )
-        if self.target_parameters:
-            raise ValueError(
-                "target_parameters is not supported by AdaptiveLoraConfig: parameter-wrapped (MoE) LoRA layers "
-                "cannot be resized; use target_modules"
-            )
+        check_lora_options(self)  # every LoraConfig option is resized, has no effect on resizing, or is refused
 
     # --- saving --------------------------------------------------------------------------------------
 
@@ -164,6 +163,9 @@ class AdaptiveLoraConfig(LoraConfig):
     def adaptive_fields(self) -> dict[str, Any]:
         """The fields this class adds to ``LoraConfig``, with their values."""
         return {name: getattr(self, name) for name in self.adaptive_field_names()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return saved_config(super().to_dict())
 
     def to_lora_dict(self) -> dict[str, Any]:
         """This config as a plain ``LoraConfig`` dict that vanilla PEFT loads (``peft_type: LORA``)."""
@@ -183,6 +185,7 @@ class AdaptiveLoraConfig(LoraConfig):
             data["auto_mapping"] = auto_mapping
         _write_json(os.path.join(save_directory, CONFIG_NAME), data)
         _write_json(os.path.join(save_directory, ADAPTIVE_CONFIG_NAME), self.adaptive_fields())
+        add_lora_tags(save_directory)  # PEFT's model card tagged it from the live peft_type (ADAPTIVE_LORA)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
@@ -213,20 +216,23 @@ class AdaptiveLoraConfig(LoraConfig):
         config_file = fetch_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **hub_kwargs)
         if config_file is None:
             raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}'")
-        with open(config_file) as f:
-            data = json.load(f)
-        with open(sidecar) as f:
-            data.update(json.load(f))
+        from .adapter_files import AdapterError, read_config_and_sidecar  # (adapter_files imports this module)
+
+        data = read_config_and_sidecar(config_file, sidecar)  # checked against the weights; errors name the file
         data.pop("peft_type", None)
         data.pop("auto_mapping", None)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in {**data, **overrides}.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in {**data, **overrides}.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise AdapterError(
+                f"{sidecar} (with {CONFIG_NAME}) does not make a valid AdaptiveLoraConfig: {exc}"
+            ) from exc
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
     data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
-    with open(path, "w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True))
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))  # a killed save never leaves half a file
 
 
 def _is_number(value: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -17,6 +18,7 @@ from .resize import ResizeKind, cost_per_rank, initialise_lora_layer, lora_facto
 from .scores import score_and_allocate, trackers_for
 from .signals import SignalCollector
 from .sketch import gradient_directions
+from .variants import after_injection, before_injection
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,22 @@ class AdaptiveLoraModel(LoraModel):
         config = self.peft_config[adapter_name]
         if isinstance(config, AdaptiveLoraConfig) and not config.inference_mode:
             self._check_budget(adapter_name)
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        # KaSA truncates the base weight at injection; keep what a later shrink needs to undo part of it
+        snapshot = before_injection(lora_config, target) if isinstance(lora_config, AdaptiveLoraConfig) else None
+        super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
+        after_injection(getattr(parent, target_name, None), adapter_name, snapshot)
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(cls, peft_model, peft_config, path, output_state_dict, kwargs):
+        if isinstance(peft_config, AdaptiveLoraConfig) and len(set((peft_config.rank_pattern or {}).values())) > 1:
+            raise ValueError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...) cannot convert an adapter whose ranks "
+                "were reallocated: PEFT's conversion concatenates the initial adapter and doubles every rank, which "
+                "only holds when the ranks did not change. Save the residual base model with the adapter instead."
+            )
+        return super()._convert_state_dict_for_initial_model(peft_model, peft_config, path, output_state_dict, kwargs)
 
     # --- introspection -----------------------------------------------------------------------------
 
@@ -350,6 +368,11 @@ class AdaptiveLoraModel(LoraModel):
         modules = self.adapted_modules(adapter_name)
         config.rank_pattern = {pattern_key(n): m.r[adapter_name] for n, m in modules.items()}
         config.alpha_pattern = {pattern_key(n): m.lora_alpha[adapter_name] for n, m in modules.items()}
+        if isinstance(getattr(config, "allocation", None), dict) and "names" in config.allocation:
+            # a later explicit resize: the saved allocation keeps saying what the weights hold
+            config.allocation["ranks_after"] = [
+                modules[n].r[adapter_name] if n in modules else 0 for n in config.allocation["names"]
+            ]
 
     def _check_budget(self, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
@@ -386,14 +409,40 @@ class AdaptiveLoraModel(LoraModel):
         """
         tuner = model.base_model if hasattr(model, "base_model") else model
         if isinstance(tuner, AdaptiveLoraModel):
-            saved = _saved_ranks(tuner, adapter_name, state_dict)
             live = tuner.adapted_modules(adapter_name)
+            _check_same_modules(live, adapter_name, state_dict)  # a different base: name what differs
+            saved = _saved_ranks(tuner, adapter_name, state_dict)
             changed = {n: r for n, r in saved.items() if live[n].r[adapter_name] != r}
             if saved:  # modules the checkpoint has no factors for were removed at rank 0
                 changed.update(dict.fromkeys(set(live) - set(saved), 0))
             if changed:
                 tuner.resize_adapter(changed, adapter_name=adapter_name)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _check_same_modules(live: dict[str, LoraLayer], adapter_name: str, state_dict: dict) -> None:
+    """Raise a ``ValueError`` naming the modules whose saved factors have no module, or another size, in the model."""
+    from .adapter_files import lora_factor_keys
+
+    saved = lora_factor_keys(state_dict)
+    missing = sorted(n for n in saved if n not in live)
+    sizes = []
+    for name, keys in sorted(saved.items()):
+        if name in live and "A" in keys and "B" in keys:
+            A, B = lora_factors(live[name], adapter_name)
+            want = (state_dict[keys["B"]].shape[0], math.prod(state_dict[keys["A"]].shape[1:]))
+            have = (B.shape[0], A.shape[1])
+            if want != have:
+                sizes.append(f"{name} (saved {want[0]}x{want[1]}, model {have[0]}x{have[1]})")
+    if missing or sizes:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} saved modules are not in the base model: {missing[:5]}{' ...' * (len(missing) > 5)}"
+            )
+        if sizes:
+            parts.append(f"{len(sizes)} have other sizes (fan_out x fan_in): {sizes[:5]}{' ...' * (len(sizes) > 5)}")
+        raise ValueError(f"the adapter {adapter_name!r} was saved for another base model: " + "; ".join(parts))
 
 
 def _saved_ranks(tuner: AdaptiveLoraModel, adapter_name: str, state_dict: dict) -> dict[str, int]:

@@ -155,6 +155,16 @@ def resize_lora_layer(
     grow gives to the new rows of ``A`` (see :func:`resize_factors`). Returns the kind of resize and a map
     ``old parameter -> new parameter`` for the optimizer.
     """
+    from .variants import resize_handler  # variant-specific resizes (KaSA, MonteCLoRA, MiCA)
+
+    handler = resize_handler(layer, adapter)
+    if handler is not None:
+        _check_supported(layer, adapter)
+        return handler(layer, adapter, new_r, generator, directions)
+    return _resize_generic(layer, adapter, new_r, generator, directions)
+
+
+def _resize_generic(layer, adapter, new_r, generator=None, directions=None):
     A, B = lora_factors(layer, adapter)
     with torch.no_grad():
         result = resize_factors(A.detach(), B.detach(), new_r, generator, directions)
@@ -175,6 +185,11 @@ def initialise_lora_layer(
     leading input directions that is the largest first step a rank-``new_r`` adapter can take.
     Scaling is kept as in :func:`resize_lora_layer`.
     """
+    from .variants import resize_handler
+
+    if resize_handler(layer, adapter) is not None:
+        # variants with more rank-sized state (KaSA, MonteCLoRA, MiCA): their own resize, which keeps the function
+        return resize_lora_layer(layer, adapter, new_r, generator, directions)
     A, B = lora_factors(layer, adapter)
     if B.detach().abs().max() > 0:
         raise ValueError(
@@ -254,13 +269,46 @@ def _is_linear_like(layer: LoraLayer, adapter: str) -> bool:
 def _check_supported(layer: LoraLayer, adapter: str) -> None:
     if adapter not in layer.r:
         raise KeyError(f"adapter {adapter!r} is not present in this layer (has {sorted(layer.r)})")
+    if isinstance(layer, lora_layers.MultiheadAttention):
+        raise TypeError(
+            "cannot resize LoRA layer of type MultiheadAttention: PEFT gives its out_proj adapter the rank of its "
+            "in_proj adapter (no rank_pattern entry of its own), so different ranks could not be saved and reloaded; "
+            "target the attention's Linear layers instead"
+        )
     supported = isinstance(layer, (lora_layers.Embedding, lora_layers._ConvNd)) or _is_linear_like(layer, adapter)
     if not supported:
-        raise TypeError(
-            f"cannot resize LoRA layer of type {type(layer).__name__}: supported types are "
-            "Linear (incl. transformers Conv1D and quantized Linear backends), Embedding and Conv1d/2d/3d"
-        )
+        raise TypeError(_unsupported_reason(layer, adapter))
     if layer.merged:
         raise RuntimeError("cannot resize a LoRA layer whose adapter is merged into the base weight; unmerge first")
     if isinstance(layer, lora_layers._ConvNd) and layer.get_base_layer().groups != 1:
         raise TypeError(f"cannot resize a grouped convolution (groups={layer.get_base_layer().groups}); use groups=1")
+
+
+def _unsupported_reason(layer: LoraLayer, adapter: str) -> str:
+    """Why this adapter's factors cannot be resized, naming the layer and, where it is one, the LoRA option."""
+    kind = type(layer).__name__
+    if isinstance(layer, lora_layers.ParamWrapper):
+        return (
+            f"cannot resize LoRA layer of type {kind}: it wraps a parameter (LoraConfig.target_parameters, e.g. MoE experts), "
+            "whose update is not a pair of resizable factors; use target_modules"
+        )
+    factors = (
+        [type(layer.lora_A[adapter]).__name__, type(layer.lora_B[adapter]).__name__] if adapter in layer.lora_A else []
+    )
+    variant = type(getattr(layer, "lora_variant", {}).get(adapter)).__name__
+    if "BlockDiagonalLinear" in factors or variant == "BdLoraLinearVariant":
+        return (
+            f"cannot resize the BD-LoRA adapter (LoraConfig.use_bdlora) of LoRA layer {kind}: one of its factors is "
+            "block-diagonal (BlockDiagonalLinear), and neither the best rank-k approximation nor new directions keep "
+            "that block structure"
+        )
+    if factors:
+        return (
+            f"cannot resize LoRA layer of type {kind}: its factors are {factors[0]}/{factors[1]}, and only plain nn.Linear "
+            "factors (Linear, transformers Conv1D, quantized Linear backends), Embedding and Conv1d/2d/3d layers "
+            "can be resized"
+        )
+    return (
+        f"cannot resize LoRA layer of type {kind}: only Linear (incl. transformers Conv1D and quantized Linear backends), "
+        "Embedding and Conv1d/2d/3d layers can be resized"
+    )

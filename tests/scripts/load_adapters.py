@@ -4,7 +4,8 @@
 
 For each adapter folder: load the base model from BASE (``AutoModelForCausalLM``), put the adapter on it with
 ``PeftModel.from_pretrained``, and save the logits for the token ids in INPUTS (a ``torch.save``d tensor) to
-``OUT/<i>.pt``. Prints one line ``RESULT <json>``: for each adapter (keyed by its path as given) the tuner
+``OUT/<i>.pt``. An adapter given as ``ADAPTER::BASE::INPUTS`` has its own base and inputs; a BASE that is a
+``.pt`` file is a whole ``torch.save``d module (built from torch.nn classes), whose output is saved as it is. Prints one line ``RESULT <json>``: for each adapter (keyed by its path as given) the tuner
 class, config class, ``peft_type``, per-module ranks and logits file, or the loading error; and
 ``plugin_imported``, whether any ``peft_adaptive`` module was imported. ``peft_adaptive`` is imported only with
 ``--plugin``. One thread, as in the tests, so that the logits are bit-identical to the test process's.
@@ -26,20 +27,28 @@ def main(argv: list[str]) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    ids = torch.load(inputs)
     Path(out).mkdir(parents=True, exist_ok=True)
     result = {}
-    for i, adapter in enumerate(adapters):
+    for i, spec in enumerate(adapters):
+        parts = spec.split("::")
+        adapter = parts[0]
+        own_base = parts[1] if len(parts) > 1 and parts[1] else base
+        own_inputs = parts[2] if len(parts) > 2 and parts[2] else inputs
         try:
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+            if own_base.endswith(".pt"):
+                base_model = torch.load(own_base, weights_only=False)
+            else:
+                base_model = AutoModelForCausalLM.from_pretrained(own_base)
+            model = PeftModel.from_pretrained(base_model, adapter).eval()
         except Exception as e:  # noqa: BLE001  (the tests check which adapters fail, and how)
-            result[adapter] = {"error": f"{type(e).__name__}: {e}"}
+            result[spec] = {"error": f"{type(e).__name__}: {e}"}
             continue
         logits = str(Path(out) / f"{i}.pt")
         with torch.no_grad():
-            torch.save(model(ids).logits, logits)
+            output = model(torch.load(own_inputs))
+            torch.save(getattr(output, "logits", output), logits)
         tuner = model.base_model
-        result[adapter] = {
+        result[spec] = {
             "tuner": type(tuner).__name__,
             "config": type(model.peft_config["default"]).__name__,
             "peft_type": model.peft_config["default"].peft_type.value,
