@@ -94,8 +94,8 @@ def assert_budget_spent(tuner, adapter="default"):
             assert cost_per_rank(layer, adapter) > budget - used
 
 
-def test_reallocates_once_after_warmup_with_accumulation_and_clipping(tmp_path):
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
+def test_reallocates_once_after_the_signal_steps_with_accumulation_and_clipping(tmp_path):
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
     probe = GradientProbe()
     adaptive = AdaptiveLoraCallback()
     trainer = train(model, tmp_path, [adaptive, probe])
@@ -123,7 +123,7 @@ def test_reallocates_once_after_warmup_with_accumulation_and_clipping(tmp_path):
 
 
 def test_loss_keeps_falling_after_reallocation(tmp_path):
-    model = adaptive_model(max_r=12, warmup_steps=4)
+    model = adaptive_model(max_r=12, signal_steps=4)
     data = TokenDataset(8, seed=1)  # small enough to memorise
     trainer = train(model, tmp_path, [AdaptiveLoraCallback()], dataset=data, max_steps=30, learning_rate=3e-2)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -142,7 +142,7 @@ def test_loss_keeps_falling_after_reallocation(tmp_path):
     ids=["bf16", "gradient-checkpointing", "ga4-tight-clipping", "no-clipping"],
 )
 def test_training_options(tmp_path, overrides):
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
     probe = GradientProbe()
     adaptive = AdaptiveLoraCallback()
     train(model, tmp_path, [adaptive, probe], **overrides)
@@ -165,7 +165,7 @@ def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
     probe, graphs, adaptive = GradientProbe(), GraphCount(), AdaptiveLoraCallback()
     trainer = train(model, tmp_path, [adaptive, probe, graphs], torch_compile=True, torch_compile_backend="aot_eager")
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
@@ -176,7 +176,7 @@ def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
 
 
 def test_encoder_classifier_with_modules_to_save(tmp_path):
-    config = AdaptiveLoraConfig(r=4, max_r=8, target_modules=["query", "value"], task_type="SEQ_CLS", warmup_steps=2)
+    config = AdaptiveLoraConfig(r=4, max_r=8, target_modules=["query", "value"], task_type="SEQ_CLS", signal_steps=2)
     model = get_peft_model(tiny_bert(), config)
     adaptive = AdaptiveLoraCallback()
     probe = GradientProbe()
@@ -188,8 +188,8 @@ def test_encoder_classifier_with_modules_to_save(tmp_path):
 
 
 def test_only_the_trained_adapter_changes(tmp_path):
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
-    model.add_adapter("other", AdaptiveLoraConfig(r=2, target_modules=["q_proj", "v_proj"], warmup_steps=WARMUP))
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
+    model.add_adapter("other", AdaptiveLoraConfig(r=2, target_modules=["q_proj", "v_proj"], signal_steps=WARMUP))
     model.set_adapter("default")
     other_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".other." in n}
     train(model, tmp_path, [AdaptiveLoraCallback()])
@@ -200,9 +200,9 @@ def test_only_the_trained_adapter_changes(tmp_path):
     assert len(set(model.base_model.ranks("default").values())) > 1
 
 
-@pytest.mark.parametrize("resume_step", [2, 4], ids=["during-warmup", "after-reallocation"])
+@pytest.mark.parametrize("resume_step", [2, 4], ids=["during-signal-steps", "after-reallocation"])
 def test_resume_is_bit_identical(tmp_path, resume_step):
-    reference = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    reference = adaptive_model(max_r=12, signal_steps=WARMUP)
     train(reference, tmp_path / "a", [AdaptiveLoraCallback()], save_strategy="steps", save_steps=2)
     checkpoint = tmp_path / "a" / f"checkpoint-{resume_step}"
     state = torch.load(checkpoint / CALLBACK_STATE_NAME, weights_only=True)
@@ -210,21 +210,21 @@ def test_resume_is_bit_identical(tmp_path, resume_step):
     saved = json.loads((checkpoint / "adaptive_lora.json").read_text())
     assert saved["reallocation_step"] == state["reallocation_step"]
 
-    resumed = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    resumed = adaptive_model(max_r=12, signal_steps=WARMUP)
     adaptive = AdaptiveLoraCallback()
     train(resumed, tmp_path / "b", [adaptive], resume=str(checkpoint), save_strategy="steps", save_steps=2)
     assert resumed.base_model.ranks() == reference.base_model.ranks()
     expected, got = adapter_state(reference), adapter_state(resumed)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[n], got[n]) for n in expected)
-    # reallocation never runs twice: after a resume past warmup the callback does nothing
+    # reallocation never runs twice: after a resume past the signal steps the callback does nothing
     assert (adaptive.report is None) == (resume_step >= WARMUP)
 
 
-def test_warmup_longer_than_run_is_an_error_unless_asked_for(tmp_path):
-    with pytest.raises(ValueError, match="warmup_steps=8 is not shorter than the run"):
-        train(adaptive_model(max_r=12, warmup_steps=8), tmp_path / "a", [AdaptiveLoraCallback()])
-    model = adaptive_model(max_r=12, warmup_steps=8)
+def test_signal_steps_not_shorter_than_the_run_is_an_error_unless_asked_for(tmp_path):
+    with pytest.raises(ValueError, match="signal_steps=8 is not shorter than the run"):
+        train(adaptive_model(max_r=12, signal_steps=8), tmp_path / "a", [AdaptiveLoraCallback()])
+    model = adaptive_model(max_r=12, signal_steps=8)
     with pytest.warns(UserWarning, match="training as plain LoRA"):
         train(model, tmp_path / "b", [AdaptiveLoraCallback(allow_plain_lora=True)])
     assert set(model.base_model.ranks().values()) == {4}
@@ -238,7 +238,7 @@ def test_callback_on_a_plain_lora_model_is_refused(tmp_path):
 
 def test_callback_added_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="added 2 times"):
-        train(adaptive_model(max_r=12, warmup_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(), AdaptiveLoraCallback()])
+        train(adaptive_model(max_r=12, signal_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(), AdaptiveLoraCallback()])
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
@@ -327,14 +327,14 @@ def plugin_warnings():
 
 def test_warnings_are_clean_for_a_normal_run(tmp_path):
     with plugin_warnings() as ours:
-        train(adaptive_model(max_r=12, warmup_steps=WARMUP), tmp_path, [AdaptiveLoraCallback()])
+        train(adaptive_model(max_r=12, signal_steps=WARMUP), tmp_path, [AdaptiveLoraCallback()])
     assert [f"{w.category.__name__}: {w.message}" for w in ours] == []
 
 
 def test_plugin_warnings_sees_warnings_that_point_elsewhere(tmp_path):
     """The recorder above catches the plugin's own stacklevel warnings, which name transformers' files."""
     with plugin_warnings() as ours:
-        train(adaptive_model(max_r=12, warmup_steps=8), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
+        train(adaptive_model(max_r=12, signal_steps=8), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
         warnings.warn("not the plugin's", UserWarning, stacklevel=1)
     assert len(ours) == 1 and ours[0].category is UserWarning
     assert "training as plain LoRA" in str(ours[0].message)

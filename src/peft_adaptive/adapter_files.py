@@ -109,7 +109,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_adaptive_fields(path: str | os.PathLike, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The plugin's own fields (``allocation``, ``warmup_steps``, ...) of a saved adapter, or None.
+    """The plugin's own fields (``allocation``, ``signal_steps``, ...) of a saved adapter, or None.
 
     They are in the ``adaptive_lora.json`` sidecar when the adapter was saved as plain LoRA, and in
     ``adapter_config.json`` itself when it was saved with ``save_as_lora=False``.

@@ -8,10 +8,10 @@ Timeline inside ``Trainer``'s loop (transformers 5.x):
 * ``on_pre_optimizer_step``: reads the gradients once per optimizer step, when they are complete for
   the step: accumulated over all micro-batches, all-reduced under DDP, unscaled under fp16 and clipped.
   A step whose gradients are not finite (skipped by the fp16 scaler) adds nothing.
-* ``on_step_end`` of step ``warmup_steps``: reallocates the ranks in place and updates the optimizer.
+* ``on_step_end`` of step ``signal_steps``: reallocates the ranks in place and updates the optimizer.
   This is between two optimizer steps, never inside a gradient-accumulation window.
 * ``on_save``: stores the callback's state beside each checkpoint, so a resume never reallocates twice
-  and a resume during warmup keeps the signals gathered so far.
+  and a resume during the signal steps keeps the signals gathered so far.
 
 ``Trainer`` does not pass itself to callbacks. The callback needs it for two things that the callback
 arguments cannot do: logging the allocation through ``Trainer.log`` (so TensorBoard/W&B see it) and
@@ -42,11 +42,11 @@ CALLBACK_STATE_NAME = "adaptive_lora_state.pt"
 
 
 class AdaptiveLoraCallback(TrainerCallback):
-    """Collect warmup signals and reallocate LoRA ranks once, in place, during ``Trainer.train()``.
+    """Collect the signals and reallocate LoRA ranks once, in place, during ``Trainer.train()``.
 
     Args:
         adapter_name: the adapter to reallocate (default: the model's active adapter).
-        allow_plain_lora: when the run is not longer than ``warmup_steps``, train it as plain LoRA
+        allow_plain_lora: when the run is not longer than ``signal_steps``, train it as plain LoRA
             (with a warning) instead of raising.
     """
 
@@ -72,22 +72,22 @@ class AdaptiveLoraCallback(TrainerCallback):
         self._tuner = _adaptive_tuner(kwargs["model"])
         self.adapter_name = self._tuner._resolve_adapter(self.adapter_name)
         _refuse_sharded_backends(self._trainer, args)
-        warmup = self.config.warmup_steps
+        signal_steps = self.config.signal_steps
         resumed = self._restore(args, state)
         if self.config.reallocation_step is not None and self.reallocation_step is None:
             # calibrated before training (calibrate_adaptive_lora) or loaded after a reallocation: nothing to do
             self.reallocation_step = self.config.reallocation_step
-        if self.reallocation_step is not None or state.global_step >= warmup:
+        if self.reallocation_step is not None or state.global_step >= signal_steps:
             self._collecting = False
             return
-        if state.max_steps <= warmup:
+        if state.max_steps <= signal_steps:
             message = (
-                f"AdaptiveLoraConfig.warmup_steps={warmup} is not shorter than the run (max_steps={state.max_steps}): "
-                "the ranks would never be reallocated"
+                f"AdaptiveLoraConfig.signal_steps={signal_steps} is not shorter than the run "
+                f"(max_steps={state.max_steps}): the ranks would never be reallocated"
             )
             if not self.allow_plain_lora:
                 raise ValueError(
-                    message + ". Lower warmup_steps, or pass AdaptiveLoraCallback(allow_plain_lora=True) "
+                    message + ". Lower signal_steps, or pass AdaptiveLoraCallback(allow_plain_lora=True) "
                     "to train as plain LoRA."
                 )
             warnings.warn(message + "; training as plain LoRA (allow_plain_lora=True).", stacklevel=2)
@@ -101,7 +101,7 @@ class AdaptiveLoraCallback(TrainerCallback):
             self._tuner.record_gradients(self.adapter_name, scale=_loss_scale(self._trainer))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not self._collecting or state.global_step < self.config.warmup_steps:
+        if not self._collecting or state.global_step < self.config.signal_steps:
             return
         self._collecting = False
         optimizer = kwargs.get("optimizer")
@@ -150,9 +150,9 @@ class AdaptiveLoraCallback(TrainerCallback):
         checkpoint = resumed or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = os.path.join(checkpoint, CALLBACK_STATE_NAME)
         if not os.path.isfile(path):
-            if state.global_step < self.config.warmup_steps:
+            if state.global_step < self.config.signal_steps:
                 warnings.warn(
-                    f"resuming during warmup without {CALLBACK_STATE_NAME} in {checkpoint}: the warmup signals "
+                    f"resuming during the signal steps without {CALLBACK_STATE_NAME} in {checkpoint}: the signals "
                     "restart from this step",
                     stacklevel=3,
                 )
@@ -242,9 +242,9 @@ def _refuse_sharded_backends(trainer: Trainer | None, args: TrainingArguments) -
         backend = "FSDP" if fsdp else "DeepSpeed"
         raise RuntimeError(
             f"AdaptiveLoraCallback does not support {backend}: it shards parameters and owns the optimizer, so "
-            "adapters cannot be resized in place. Supported alternative: a two-phase run. Phase 1: train the warmup "
-            "with DDP (torchrun/accelerate without FSDP/DeepSpeed) or one device, with AdaptiveLoraCallback and "
-            "max_steps=warmup_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
+            "adapters cannot be resized in place. Supported alternative: a two-phase run. Phase 1: train the signal "
+            "steps with DDP (torchrun/accelerate without FSDP/DeepSpeed) or one device, with AdaptiveLoraCallback and "
+            "max_steps=signal_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
             f"load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue under {backend} "
             "with a fresh Trainer, without the callback."
         )
