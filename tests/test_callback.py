@@ -239,6 +239,71 @@ def test_callback_on_a_plain_lora_model_is_refused(tmp_path):
 def test_callback_added_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="added 2 times"):
         train(adaptive_model(max_r=12, signal_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(), AdaptiveLoraCallback()])
+    trainer = Trainer(
+        model=adaptive_model(max_r=12, signal_steps=WARMUP),
+        args=training_args(tmp_path),
+        train_dataset=TokenDataset(64),
+    )
+    trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))
+    trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))
+    with pytest.raises(ValueError, match="added 2 times"):
+        trainer.train()
+
+
+class AllocationLogs(TrainerCallback):
+    """The allocation entries that went through ``Trainer.log`` (what TensorBoard/W&B receive)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "adaptive_lora/budget" in (logs or {}):
+            self.steps.append(state.global_step)
+
+
+def test_explicit_trainer_added_after_construction(tmp_path):
+    """``trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))``, the form TRL's callbacks use."""
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
+    probe, logs = GradientProbe(), AllocationLogs()
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=TokenDataset(64), callbacks=[probe, logs]
+    )
+    adaptive = AdaptiveLoraCallback(trainer=trainer)
+    trainer.add_callback(adaptive)
+    trainer.train()
+    assert adaptive.reallocation_step == WARMUP and adaptive.report.signal_steps == WARMUP
+    assert probe.optimizer_matches_model == [True] * 8
+    assert logs.steps == [WARMUP]
+    assert [h["step"] for h in trainer.state.log_history if "adaptive_lora/budget" in h] == [WARMUP]
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "zero-argument"])
+def test_which_trainer_is_used_when_the_stack_walk_finds_none(tmp_path, monkeypatch, explicit):
+    """Events fired from outside the Trainer's methods: only the explicit trainer still reaches ``Trainer.log``."""
+    import peft_adaptive.callback
+
+    monkeypatch.setattr(peft_adaptive.callback, "_calling_instance", lambda cls: None)
+    logs = AllocationLogs()
+    trainer = Trainer(
+        model=adaptive_model(max_r=12, signal_steps=WARMUP),
+        args=training_args(tmp_path),
+        train_dataset=TokenDataset(64),
+        callbacks=[logs],
+    )
+    adaptive = AdaptiveLoraCallback(trainer=trainer) if explicit else AdaptiveLoraCallback()
+    trainer.add_callback(adaptive)
+    trainer.train()
+    assert adaptive.reallocation_step == WARMUP
+    assert logs.steps == ([WARMUP] if explicit else [])  # the zero-argument form falls back to log_history only
+    assert [h["step"] for h in trainer.state.log_history if "adaptive_lora/budget" in h] == [WARMUP]
+
+
+def test_explicit_trainer_must_be_the_one_that_trains(tmp_path):
+    other = Trainer(model=adaptive_model(), args=training_args(tmp_path / "other"), train_dataset=TokenDataset(8))
+    with pytest.raises(ValueError, match="different Trainer than the one that is training"):
+        train(adaptive_model(max_r=12, signal_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(trainer=other)])
+    with pytest.raises(TypeError, match="must be a transformers.Trainer"):
+        AdaptiveLoraCallback(trainer=object())
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])

@@ -339,3 +339,19 @@ def test_too_small_budget_raises_at_get_peft_model():
         get_peft_model(
             tiny_llama(), AdaptiveLoraConfig(r=4, min_r=2, target_modules=["q_proj", "v_proj"], param_budget=447)
         )
+
+
+def test_an_adapter_added_with_another_adapters_config_gets_its_own_copy():
+    """``add_adapter("ref", model.peft_config["default"])`` (TRL's DPO reference adapter) must not share the config:
+    the reallocation of one adapter rewrites the rank_pattern the other is saved with."""
+    model = adaptive_model("llama", signal_steps=1, max_r=12)
+    model.add_adapter("ref", model.peft_config["default"])
+    tuner = model.base_model
+    assert tuner.peft_config["ref"] is not tuner.peft_config["default"]
+    batch = make_batch("llama")
+    tuner.start_signal_collection("default")
+    model(**batch).loss.backward()
+    tuner.record_gradients("default")
+    tuner.reallocate(adapter_name="default", step=1)
+    assert set(tuner.ranks("ref").values()) == {4} and len(set(tuner.ranks("default").values())) > 1
+    assert tuner.peft_config["ref"].rank_pattern == {} and tuner.peft_config["ref"].reallocation_step is None
