@@ -342,9 +342,13 @@ def run_process_group(cmd: list[str], env: dict, timeout: float) -> subprocess.C
 
 
 def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
-    """torchrun, 2 CPU processes (gloo), stock Trainer; negative control without the DDP re-initialisation."""
+    """torchrun, 2 CPU processes (gloo), stock Trainer; negative control without the DDP re-initialisation.
+
+    The fixed run also registers a communication hook and a forward pre-hook on the Trainer's DDP wrapper (both
+    must survive the re-initialisation), then runs the README's accelerate loop with the one call under DDP.
+    """
     results = {}
-    for name, extra in (("fixed", []), ("control", ["--no-rewrap"])):
+    for name, extra in (("fixed", ["--hooks"]), ("control", ["--no-rewrap"])):
         out = tmp_path / f"{name}.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
@@ -358,6 +362,15 @@ def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
     assert fixed["ranks_per_process"][0] == fixed["ranks_per_process"][1]
     assert len(set(fixed["ranks_per_process"][0].values())) > 1
     assert fixed["max_diff_per_step"] == {str(s): 0.0 for s in range(1, 8)}
+    # the hooks registered on the wrapper ran at every step, after the reallocation too
+    assert fixed["hooked_wrapper"] == "DistributedDataParallel"
+    calls = fixed["hook_calls_per_step"]
+    assert all(calls[str(s)]["comm"] > 0 and calls[str(s)]["forward"] == 2 for s in range(1, 8)), calls
+    # a plain accelerate loop (gradient accumulation 2) with update_and_allocate(..., wrapper=model)
+    loop = fixed["accelerate"]
+    assert loop["wrapped"] == "DistributedDataParallel" and loop["steps"] == 7 and loop["reallocation_step"] == 3
+    assert loop["ranks_per_process"][0] == loop["ranks_per_process"][1]
+    assert loop["max_diff_per_step"] == {str(s): 0.0 for s in range(1, 8)}
     # without re-initialising DDP the new parameters are silently not synchronised
     control = results["control"]
     assert all(control["max_diff_per_step"][str(s)] == 0.0 for s in range(1, 4))
