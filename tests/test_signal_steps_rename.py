@@ -116,3 +116,11 @@ def _lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
     return [(n, m) for n, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@pytest.mark.parametrize("name", ["lora-old", "adaptive-old"])
+def test_inspect_reads_the_old_name_as_the_new_one(old_saves, name):
+    from peft_adaptive import inspect_adapter
+
+    adaptive = inspect_adapter(old_saves["root"] / name).adaptive
+    assert adaptive["signal_steps"] == 2 and "warmup_steps" not in adaptive
