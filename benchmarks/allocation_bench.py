@@ -485,7 +485,7 @@ def build(method: Method, task: Task, model):
     # nothing learned is cut; the budget is still uniform LoRA's at r (set on the config below, after injection)
     warm_r = max(1, suite.r // 2) if method.kind == "grow" else suite.r
     adaptive_kwargs: dict[str, Any] = dict(
-        r=warm_r, lora_alpha=suite.lora_alpha, warmup_steps=suite.warmup, **common_kwargs
+        r=warm_r, lora_alpha=suite.lora_alpha, signal_steps=suite.warmup, **common_kwargs
     )
     if method.kind != "default":
         score = method.allocation if method.allocation in SCORE_NAMES else "norms"

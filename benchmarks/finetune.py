@@ -38,7 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--train-limit", type=int, default=3840, help="training rows used (a fixed random subset)")
     p.add_argument("--max-steps", type=int, default=120)
-    p.add_argument("--warmup-steps", type=int, default=40, help="adaptive warmup (optimizer steps) before reallocation")
+    p.add_argument(
+        "--signal-steps",
+        "--warmup-steps",  # the old name, kept for old command lines
+        dest="signal_steps",
+        type=int,
+        default=40,
+        help="adaptive LoRA: optimizer steps of signal collection before the reallocation (not the LR warmup)",
+    )
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--min-r", type=int, default=2)
     p.add_argument("--max-r", type=int, default=32)
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         min_r=args.min_r,
         max_r=args.max_r,
         target_modules=["query", "key", "value", "dense"],
-        warmup_steps=args.warmup_steps,
+        signal_steps=args.signal_steps,
         grad_weight=args.grad_weight,
         delta_weight=args.delta_weight,
     )
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_device_eval_batch_size=128,
         learning_rate=args.lr,
         lr_scheduler_type="linear",
-        warmup_steps=int(0.06 * args.max_steps),
+        warmup_steps=int(0.06 * args.max_steps),  # the learning-rate warmup
         weight_decay=0.01,
         logging_steps=25,
         eval_strategy="no",
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": source,
         "seed": args.seed,
         "max_steps": args.max_steps,
-        "warmup_steps": args.warmup_steps,
+        "signal_steps": args.signal_steps,
         "train_seconds": round(train_seconds, 1),
         "eval": {k: v for k, v in evaluation.items() if k.startswith("eval_")},
         "ranks": model.base_model.ranks(),

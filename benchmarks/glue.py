@@ -48,7 +48,7 @@ MODES: dict[str, dict[str, Any]] = {
         "seeds": [0],
         "train_limit": 4000,
         "max_steps": 90,
-        "warmup_steps": 25,
+        "signal_steps": 25,
         "eval_limit": None,
         "lr": 2e-3,  # short run: a larger step size than the full mode's
     },
@@ -59,7 +59,7 @@ MODES: dict[str, dict[str, Any]] = {
         "train_limit": None,
         "max_steps": None,
         "epochs": 3,
-        "warmup_steps": 200,
+        "signal_steps": 200,
         "eval_limit": None,
         "lr": 5e-4,
     },
@@ -105,11 +105,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="optimizer steps per run (overrides --epochs)")
     p.add_argument("--train-limit", type=int, help="use a fixed random subset of this many training rows")
     p.add_argument("--eval-limit", type=int, help="use a fixed random subset of this many dev rows")
-    p.add_argument("--warmup-steps", type=int, help="adaptive LoRA signal-collection steps (default: the mode's)")
+    p.add_argument(
+        "--signal-steps",
+        "--warmup-steps",  # the old name, kept for old command lines
+        dest="signal_steps",
+        type=int,
+        help="adaptive LoRA: optimizer steps of signal collection before the reallocation (default: the mode's)",
+    )
     p.add_argument("--grad-weight", type=float, default=1.0)
     p.add_argument("--delta-weight", type=float, default=0.0)
     p.add_argument("--adalora-init-r", type=int, help="default: ceil(1.5 * r)")
-    p.add_argument("--adalora-tinit", type=int, help="default: the adaptive warmup steps")
+    p.add_argument("--adalora-tinit", type=int, help="default: the adaptive signal steps")
     p.add_argument("--adalora-tfinal", type=int, help="default: 20%% of the steps")
     p.add_argument("--adalora-deltat", type=int, help="default: min(10, steps // 50)")
     p.add_argument("--eva-rho", type=float, default=2.0)

@@ -40,17 +40,25 @@ POOLED_SETTINGS = (
     "train_limit",
     "eval_limit",
     "max_length",
-    "warmup_steps",
+    "signal_steps",
     "grad_weight",
     "delta_weight",
 )
+
+
+def _setting(payload: dict, key: str):
+    """A pooled setting of a payload; runs recorded before the rename call ``signal_steps`` ``warmup_steps``."""
+    config = payload["config"]
+    if key == "signal_steps" and key not in config:
+        return config.get("warmup_steps")
+    return config.get(key)
 
 
 def merge_payloads(payloads: list[dict]) -> dict:
     """Pool the runs of several invocations made with the same settings (e.g. extra seeds)."""
     first = payloads[0]
     for other in payloads[1:]:
-        differing = [k for k in POOLED_SETTINGS if first["config"].get(k) != other["config"].get(k)]
+        differing = [k for k in POOLED_SETTINGS if _setting(first, k) != _setting(other, k)]
         if differing:
             raise SystemExit(f"cannot merge runs made with different settings: {differing}")
     if len(payloads) == 1:

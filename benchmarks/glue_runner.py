@@ -72,7 +72,7 @@ def run_spec(args: argparse.Namespace, task: str, method: Method, seed: int, out
         max_steps=max_steps,
         lr_warmup_ratio=args.lr_warmup_ratio,
         adalora_init_r=args.adalora_init_r or math.ceil(1.5 * args.r),
-        adalora_tinit=args.adalora_tinit if args.adalora_tinit is not None else args.warmup_steps,
+        adalora_tinit=args.adalora_tinit if args.adalora_tinit is not None else args.signal_steps,
         adalora_tfinal=args.adalora_tfinal or max(1, round(0.2 * max_steps)),
         adalora_deltat=args.adalora_deltat or max(1, min(10, max_steps // 50)),
         eva_rho=args.eva_rho,

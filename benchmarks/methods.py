@@ -21,7 +21,7 @@ class Method:
 
     name: str
     kind: str  # lora | adaptive | adalora | eva | full
-    warmup_steps: int | None = None
+    signal_steps: int | None = None
     grad_weight: float | None = None
     delta_weight: float | None = None
     lr: float | None = None  # overrides the shared adapter learning rate (only AdaLoRA offers this)
@@ -34,7 +34,7 @@ def base_methods(kinds: list[str], args: argparse.Namespace) -> list[Method]:
     methods = []
     for kind in kinds:
         if kind == "adaptive":
-            methods.append(Method("adaptive", kind, args.warmup_steps, args.grad_weight, args.delta_weight))
+            methods.append(Method("adaptive", kind, args.signal_steps, args.grad_weight, args.delta_weight))
         elif kind == "adalora" and args.adalora_lr is not None and args.adalora_lr != args.lr:
             # AdaLoRA starts its singular values at zero and A, B at std 0.02, so at the shared lr of a short
             # run it may not move at all; this row is labelled so nobody mistakes it for the shared setting.
@@ -46,7 +46,7 @@ def base_methods(kinds: list[str], args: argparse.Namespace) -> list[Method]:
 
 def ablation_methods(ablations: list[str], args: argparse.Namespace, max_steps: int) -> list[Method]:
     """Adaptive variants for the write-up's ablations (signal weights; warmup length)."""
-    default = Method("adaptive", "adaptive", args.warmup_steps, args.grad_weight, args.delta_weight)
+    default = Method("adaptive", "adaptive", args.signal_steps, args.grad_weight, args.delta_weight)
     variants = []
     if "weights" in ablations:
         for g, d, label in ((1.0, 0.0, "grad only"), (0.0, 1.0, "delta only"), (0.5, 0.5, "0.5/0.5")):
@@ -56,7 +56,7 @@ def ablation_methods(ablations: list[str], args: argparse.Namespace, max_steps: 
             if w >= max_steps:
                 print(f"ablation: skipping warmup {w}: not below the {max_steps} training steps")
                 continue
-            variants.append(replace(default, name=f"adaptive (warmup {w})", warmup_steps=w))
+            variants.append(replace(default, name=f"adaptive (warmup {w})", signal_steps=w))
     return variants
 
 
@@ -64,7 +64,7 @@ def dedupe_methods(methods: list[Method]) -> list[Method]:
     """Drop variants whose configuration equals an earlier method's (e.g. 'grad only' = the default)."""
     seen, kept = set(), []
     for m in methods:
-        key = (m.kind, m.warmup_steps, m.grad_weight, m.delta_weight, m.lr)
+        key = (m.kind, m.signal_steps, m.grad_weight, m.delta_weight, m.lr)
         if key in seen:
             print(f"note: {m.name!r} is the same configuration as an earlier method; not run twice")
             continue
@@ -107,7 +107,7 @@ def adaptive_config(spec: RunSpec, method: Method, targets: list[str]):
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
         target_modules=targets,
-        warmup_steps=method.warmup_steps,
+        signal_steps=method.signal_steps,
         grad_weight=method.grad_weight,
         delta_weight=method.delta_weight,
     )

@@ -168,7 +168,7 @@ def wrap_model(model, config: str, spec: WorkerSpec, total_steps: int, warmup: i
         from peft_adaptive.callback import AdaptiveLoraCallback
 
         peft_config = peft_adaptive.AdaptiveLoraConfig(
-            r=spec.r, lora_alpha=2 * spec.r, target_modules=TARGETS, warmup_steps=warmup
+            r=spec.r, lora_alpha=2 * spec.r, target_modules=TARGETS, signal_steps=warmup
         )
         return get_peft_model(model, peft_config), [AdaptiveLoraCallback()]
     if config == "adalora":

@@ -100,7 +100,7 @@ def test_callback_does_not_reallocate_a_calibrated_adapter(tmp_path):
     model = get_peft_model(
         tiny_llama(),
         AdaptiveLoraConfig(
-            r=4, target_modules="all-linear", warmup_steps=2, score="gradient_spectrum", growth="gradient"
+            r=4, target_modules="all-linear", signal_steps=2, score="gradient_spectrum", growth="gradient"
         ),
     )
     data = TokenDataset(n=16, length=12)

@@ -94,8 +94,8 @@ def assert_budget_spent(tuner, adapter="default"):
             assert cost_per_rank(layer, adapter) > budget - used
 
 
-def test_reallocates_once_after_warmup_with_accumulation_and_clipping(tmp_path):
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
+def test_reallocates_once_after_the_signal_steps_with_accumulation_and_clipping(tmp_path):
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
     probe = GradientProbe()
     adaptive = AdaptiveLoraCallback()
     trainer = train(model, tmp_path, [adaptive, probe])
@@ -123,7 +123,7 @@ def test_reallocates_once_after_warmup_with_accumulation_and_clipping(tmp_path):
 
 
 def test_loss_keeps_falling_after_reallocation(tmp_path):
-    model = adaptive_model(max_r=12, warmup_steps=4)
+    model = adaptive_model(max_r=12, signal_steps=4)
     data = TokenDataset(8, seed=1)  # small enough to memorise
     trainer = train(model, tmp_path, [AdaptiveLoraCallback()], dataset=data, max_steps=30, learning_rate=3e-2)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -142,7 +142,7 @@ def test_loss_keeps_falling_after_reallocation(tmp_path):
     ids=["bf16", "gradient-checkpointing", "ga4-tight-clipping", "no-clipping"],
 )
 def test_training_options(tmp_path, overrides):
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
     probe = GradientProbe()
     adaptive = AdaptiveLoraCallback()
     train(model, tmp_path, [adaptive, probe], **overrides)
@@ -165,7 +165,7 @@ def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
     probe, graphs, adaptive = GradientProbe(), GraphCount(), AdaptiveLoraCallback()
     trainer = train(model, tmp_path, [adaptive, probe, graphs], torch_compile=True, torch_compile_backend="aot_eager")
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
@@ -176,7 +176,7 @@ def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
 
 
 def test_encoder_classifier_with_modules_to_save(tmp_path):
-    config = AdaptiveLoraConfig(r=4, max_r=8, target_modules=["query", "value"], task_type="SEQ_CLS", warmup_steps=2)
+    config = AdaptiveLoraConfig(r=4, max_r=8, target_modules=["query", "value"], task_type="SEQ_CLS", signal_steps=2)
     model = get_peft_model(tiny_bert(), config)
     adaptive = AdaptiveLoraCallback()
     probe = GradientProbe()
@@ -188,8 +188,8 @@ def test_encoder_classifier_with_modules_to_save(tmp_path):
 
 
 def test_only_the_trained_adapter_changes(tmp_path):
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
-    model.add_adapter("other", AdaptiveLoraConfig(r=2, target_modules=["q_proj", "v_proj"], warmup_steps=WARMUP))
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
+    model.add_adapter("other", AdaptiveLoraConfig(r=2, target_modules=["q_proj", "v_proj"], signal_steps=WARMUP))
     model.set_adapter("default")
     other_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".other." in n}
     train(model, tmp_path, [AdaptiveLoraCallback()])
@@ -200,9 +200,9 @@ def test_only_the_trained_adapter_changes(tmp_path):
     assert len(set(model.base_model.ranks("default").values())) > 1
 
 
-@pytest.mark.parametrize("resume_step", [2, 4], ids=["during-warmup", "after-reallocation"])
+@pytest.mark.parametrize("resume_step", [2, 4], ids=["during-signal-steps", "after-reallocation"])
 def test_resume_is_bit_identical(tmp_path, resume_step):
-    reference = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    reference = adaptive_model(max_r=12, signal_steps=WARMUP)
     train(reference, tmp_path / "a", [AdaptiveLoraCallback()], save_strategy="steps", save_steps=2)
     checkpoint = tmp_path / "a" / f"checkpoint-{resume_step}"
     state = torch.load(checkpoint / CALLBACK_STATE_NAME, weights_only=True)
@@ -210,21 +210,21 @@ def test_resume_is_bit_identical(tmp_path, resume_step):
     saved = json.loads((checkpoint / "adaptive_lora.json").read_text())
     assert saved["reallocation_step"] == state["reallocation_step"]
 
-    resumed = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    resumed = adaptive_model(max_r=12, signal_steps=WARMUP)
     adaptive = AdaptiveLoraCallback()
     train(resumed, tmp_path / "b", [adaptive], resume=str(checkpoint), save_strategy="steps", save_steps=2)
     assert resumed.base_model.ranks() == reference.base_model.ranks()
     expected, got = adapter_state(reference), adapter_state(resumed)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[n], got[n]) for n in expected)
-    # reallocation never runs twice: after a resume past warmup the callback does nothing
+    # reallocation never runs twice: after a resume past the signal steps the callback does nothing
     assert (adaptive.report is None) == (resume_step >= WARMUP)
 
 
-def test_warmup_longer_than_run_is_an_error_unless_asked_for(tmp_path):
-    with pytest.raises(ValueError, match="warmup_steps=8 is not shorter than the run"):
-        train(adaptive_model(max_r=12, warmup_steps=8), tmp_path / "a", [AdaptiveLoraCallback()])
-    model = adaptive_model(max_r=12, warmup_steps=8)
+def test_signal_steps_not_shorter_than_the_run_is_an_error_unless_asked_for(tmp_path):
+    with pytest.raises(ValueError, match="signal_steps=8 is not shorter than the run"):
+        train(adaptive_model(max_r=12, signal_steps=8), tmp_path / "a", [AdaptiveLoraCallback()])
+    model = adaptive_model(max_r=12, signal_steps=8)
     with pytest.warns(UserWarning, match="training as plain LoRA"):
         train(model, tmp_path / "b", [AdaptiveLoraCallback(allow_plain_lora=True)])
     assert set(model.base_model.ranks().values()) == {4}
@@ -238,7 +238,72 @@ def test_callback_on_a_plain_lora_model_is_refused(tmp_path):
 
 def test_callback_added_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="added 2 times"):
-        train(adaptive_model(max_r=12, warmup_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(), AdaptiveLoraCallback()])
+        train(adaptive_model(max_r=12, signal_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(), AdaptiveLoraCallback()])
+    trainer = Trainer(
+        model=adaptive_model(max_r=12, signal_steps=WARMUP),
+        args=training_args(tmp_path),
+        train_dataset=TokenDataset(64),
+    )
+    trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))
+    trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))
+    with pytest.raises(ValueError, match="added 2 times"):
+        trainer.train()
+
+
+class AllocationLogs(TrainerCallback):
+    """The allocation entries that went through ``Trainer.log`` (what TensorBoard/W&B receive)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "adaptive_lora/budget" in (logs or {}):
+            self.steps.append(state.global_step)
+
+
+def test_explicit_trainer_added_after_construction(tmp_path):
+    """``trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))``, the form TRL's callbacks use."""
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
+    probe, logs = GradientProbe(), AllocationLogs()
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=TokenDataset(64), callbacks=[probe, logs]
+    )
+    adaptive = AdaptiveLoraCallback(trainer=trainer)
+    trainer.add_callback(adaptive)
+    trainer.train()
+    assert adaptive.reallocation_step == WARMUP and adaptive.report.signal_steps == WARMUP
+    assert probe.optimizer_matches_model == [True] * 8
+    assert logs.steps == [WARMUP]
+    assert [h["step"] for h in trainer.state.log_history if "adaptive_lora/budget" in h] == [WARMUP]
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "zero-argument"])
+def test_which_trainer_is_used_when_the_stack_walk_finds_none(tmp_path, monkeypatch, explicit):
+    """Events fired from outside the Trainer's methods: only the explicit trainer still reaches ``Trainer.log``."""
+    import peft_adaptive.callback
+
+    monkeypatch.setattr(peft_adaptive.callback, "_calling_instance", lambda cls: None)
+    logs = AllocationLogs()
+    trainer = Trainer(
+        model=adaptive_model(max_r=12, signal_steps=WARMUP),
+        args=training_args(tmp_path),
+        train_dataset=TokenDataset(64),
+        callbacks=[logs],
+    )
+    adaptive = AdaptiveLoraCallback(trainer=trainer) if explicit else AdaptiveLoraCallback()
+    trainer.add_callback(adaptive)
+    trainer.train()
+    assert adaptive.reallocation_step == WARMUP
+    assert logs.steps == ([WARMUP] if explicit else [])  # the zero-argument form falls back to log_history only
+    assert [h["step"] for h in trainer.state.log_history if "adaptive_lora/budget" in h] == [WARMUP]
+
+
+def test_explicit_trainer_must_be_the_one_that_trains(tmp_path):
+    other = Trainer(model=adaptive_model(), args=training_args(tmp_path / "other"), train_dataset=TokenDataset(8))
+    with pytest.raises(ValueError, match="different Trainer than the one that is training"):
+        train(adaptive_model(max_r=12, signal_steps=WARMUP), tmp_path, [AdaptiveLoraCallback(trainer=other)])
+    with pytest.raises(TypeError, match="must be a transformers.Trainer"):
+        AdaptiveLoraCallback(trainer=object())
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
@@ -277,9 +342,13 @@ def run_process_group(cmd: list[str], env: dict, timeout: float) -> subprocess.C
 
 
 def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
-    """torchrun, 2 CPU processes (gloo), stock Trainer; negative control without the DDP re-initialisation."""
+    """torchrun, 2 CPU processes (gloo), stock Trainer; negative control without the DDP re-initialisation.
+
+    The fixed run also registers a communication hook and a forward pre-hook on the Trainer's DDP wrapper (both
+    must survive the re-initialisation), then runs the README's accelerate loop with the one call under DDP.
+    """
     results = {}
-    for name, extra in (("fixed", []), ("control", ["--no-rewrap"])):
+    for name, extra in (("fixed", ["--hooks"]), ("control", ["--no-rewrap"])):
         out = tmp_path / f"{name}.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
@@ -293,6 +362,15 @@ def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
     assert fixed["ranks_per_process"][0] == fixed["ranks_per_process"][1]
     assert len(set(fixed["ranks_per_process"][0].values())) > 1
     assert fixed["max_diff_per_step"] == {str(s): 0.0 for s in range(1, 8)}
+    # the hooks registered on the wrapper ran at every step, after the reallocation too
+    assert fixed["hooked_wrapper"] == "DistributedDataParallel"
+    calls = fixed["hook_calls_per_step"]
+    assert all(calls[str(s)]["comm"] > 0 and calls[str(s)]["forward"] == 2 for s in range(1, 8)), calls
+    # a plain accelerate loop (gradient accumulation 2) with update_and_allocate(..., wrapper=model)
+    loop = fixed["accelerate"]
+    assert loop["wrapped"] == "DistributedDataParallel" and loop["steps"] == 7 and loop["reallocation_step"] == 3
+    assert loop["ranks_per_process"][0] == loop["ranks_per_process"][1]
+    assert loop["max_diff_per_step"] == {str(s): 0.0 for s in range(1, 8)}
     # without re-initialising DDP the new parameters are silently not synchronised
     control = results["control"]
     assert all(control["max_diff_per_step"][str(s)] == 0.0 for s in range(1, 4))
@@ -327,14 +405,14 @@ def plugin_warnings():
 
 def test_warnings_are_clean_for_a_normal_run(tmp_path):
     with plugin_warnings() as ours:
-        train(adaptive_model(max_r=12, warmup_steps=WARMUP), tmp_path, [AdaptiveLoraCallback()])
+        train(adaptive_model(max_r=12, signal_steps=WARMUP), tmp_path, [AdaptiveLoraCallback()])
     assert [f"{w.category.__name__}: {w.message}" for w in ours] == []
 
 
 def test_plugin_warnings_sees_warnings_that_point_elsewhere(tmp_path):
     """The recorder above catches the plugin's own stacklevel warnings, which name transformers' files."""
     with plugin_warnings() as ours:
-        train(adaptive_model(max_r=12, warmup_steps=8), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
+        train(adaptive_model(max_r=12, signal_steps=8), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
         warnings.warn("not the plugin's", UserWarning, stacklevel=1)
     assert len(ours) == 1 and ours[0].category is UserWarning
     assert "training as plain LoRA" in str(ours[0].message)

@@ -47,7 +47,7 @@ def trained(tmp_path_factory) -> dict:
     # adaptive: Trainer + callback; the base is loaded from disk so base_model_name_or_path is recorded
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     config = AdaptiveLoraConfig(
-        r=4, lora_alpha=8, min_r=1, max_r=12, target_modules="all-linear", warmup_steps=WARMUP, task_type="CAUSAL_LM"
+        r=4, lora_alpha=8, min_r=1, max_r=12, target_modules="all-linear", signal_steps=WARMUP, task_type="CAUSAL_LM"
     )
     adaptive = get_peft_model(model, config)
     args = TrainingArguments(
@@ -265,7 +265,7 @@ def test_export_lora_loads_in_vanilla_peft_with_identical_outputs(trained, capsy
         code, _, err = run_cli(capsys, "export", trained[name], out, "--format", "lora")
         assert code == 0, err
         config = json.loads((out / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and "allocation" not in config and "warmup_steps" not in config
+        assert config["peft_type"] == "LORA" and "allocation" not in config and "signal_steps" not in config
         assert not (out / "adaptive_lora.json").exists()
         assert all(k.startswith("^") and k.endswith("$") for k in config["rank_pattern"])
         reference = trained["plain_logits"] if name == "plain" else trained["adaptive_logits"]

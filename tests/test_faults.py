@@ -32,7 +32,7 @@ WARMUP, STEPS = 3, 8
 def train_run(out, resume=None, extra_callbacks=()) -> torch.nn.Module:
     """The run every fault test compares against: a checkpoint at every step, reallocation at step 3."""
     torch.manual_seed(0)
-    model = adaptive_model(max_r=12, warmup_steps=WARMUP)
+    model = adaptive_model(max_r=12, signal_steps=WARMUP)
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=STEPS,
@@ -90,7 +90,7 @@ def test_sigkill_anywhere_then_resume_from_newest_complete_checkpoint_is_bit_ide
     runs = {
         "random": (_start(tmp_path / "random"), None),
         "trainer-save": (_start(tmp_path / "trainer-save", "trainer-save:5"), 5),  # after the reallocation
-        "plugin-save": (_start(tmp_path / "plugin-save", "plugin-save:2"), 2),  # during the warmup
+        "plugin-save": (_start(tmp_path / "plugin-save", "plugin-save:2"), 2),  # during the signal steps
     }
     killed_after = _kill_at_random(runs["random"][0], rng)
     for name, (process, _) in runs.items():

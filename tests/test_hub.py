@@ -106,7 +106,7 @@ def assert_after_reallocation(config, adapters) -> None:
     assert config.reallocation_step == 3
     assert config.allocation["ranks_after"] == [adapters["ranks"][n] for n in config.allocation["names"]]
     assert config.rank_pattern == {f"^{re.escape(n)}$": r for n, r in adapters["ranks"].items()}
-    assert (config.r, config.max_r, config.warmup_steps) == (4, 12, 3)
+    assert (config.r, config.max_r, config.signal_steps) == (4, 12, 3)
 
 
 # --- AdaptiveLoraConfig.from_pretrained ---------------------------------------------------------------------

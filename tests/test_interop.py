@@ -31,7 +31,7 @@ def logits(model, batch):
 
 
 def test_merge_and_unload_after_reallocation():
-    model = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, max_r=12, target_modules="all-linear", warmup_steps=3))
+    model = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, max_r=12, target_modules="all-linear", signal_steps=3))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     report = warm_up_and_reallocate(model, optimizer)
     assert len(set(report.ranks_after)) > 1
@@ -42,7 +42,7 @@ def test_merge_and_unload_after_reallocation():
 
 
 def test_dora_grow_keeps_outputs_and_trains():
-    config = AdaptiveLoraConfig(r=4, max_r=12, target_modules=["q_proj", "v_proj"], warmup_steps=3, use_dora=True)
+    config = AdaptiveLoraConfig(r=4, max_r=12, target_modules=["q_proj", "v_proj"], signal_steps=3, use_dora=True)
     model = get_peft_model(tiny_llama(), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     warm_up_and_reallocate(model, optimizer)
@@ -61,7 +61,7 @@ def test_dora_grow_keeps_outputs_and_trains():
 
 def test_accelerate_prepared_optimizer():
     accelerator = Accelerator(cpu=True)
-    model = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, max_r=12, target_modules="all-linear", warmup_steps=3))
+    model = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, max_r=12, target_modules="all-linear", signal_steps=3))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
     warm_up_and_reallocate(model, optimizer)

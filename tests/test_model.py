@@ -55,7 +55,7 @@ def run(request):
     """Warmup with signals, reallocate with the optimizer, keep training; record everything on the way."""
     name = request.param
     torch.manual_seed(0)
-    model = adaptive_model(name, warmup_steps=WARMUP, max_r=12)
+    model = adaptive_model(name, signal_steps=WARMUP, max_r=12)
     tuner = model.base_model
     batch = make_batch(name)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -109,7 +109,7 @@ def optimizer_ids_params(optimizer):
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_default_budget_is_plain_lora_at_rank_r(name):
     factory, targets, task = TINY_MODELS[name]
-    model = adaptive_model(name, warmup_steps=WARMUP)
+    model = adaptive_model(name, signal_steps=WARMUP)
     tuner = model.base_model
     assert type(tuner) is AdaptiveLoraModel
     assert isinstance(tuner, LoraModel)
@@ -127,7 +127,7 @@ def test_default_budget_is_plain_lora_at_rank_r(name):
 
 
 def test_explicit_param_budget_is_used():
-    model = adaptive_model("llama", warmup_steps=WARMUP, param_budget=5000)
+    model = adaptive_model("llama", signal_steps=WARMUP, param_budget=5000)
     assert model.base_model.param_budget() == 5000
 
 
@@ -233,7 +233,7 @@ def test_every_adapter_tensor_trains_after_reallocation(run):
 
 
 def test_reallocate_needs_signals():
-    model = adaptive_model("llama", warmup_steps=WARMUP)
+    model = adaptive_model("llama", signal_steps=WARMUP)
     with pytest.raises(RuntimeError, match="start_signal_collection"):
         model.base_model.reallocate()
     with pytest.raises(RuntimeError, match="start_signal_collection"):
@@ -245,7 +245,7 @@ def test_reallocate_needs_signals():
 
 def test_reallocating_one_adapter_leaves_the_other_alone():
     torch.manual_seed(0)
-    model = adaptive_model("llama", warmup_steps=WARMUP, max_r=12)
+    model = adaptive_model("llama", signal_steps=WARMUP, max_r=12)
     model.add_adapter(
         "other",
         AdaptiveLoraConfig(r=3, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
@@ -316,7 +316,7 @@ def test_registration_survives_reload():
         (dict(delta_weight=float("nan")), "delta_weight"),
         (dict(delta_weight=-0.5), "delta_weight"),
         (dict(grad_weight=0.0, delta_weight=0.0), "grad_weight and delta_weight"),
-        (dict(warmup_steps=0), "warmup_steps"),
+        (dict(signal_steps=0), "signal_steps"),
         (dict(param_budget=0), "param_budget"),
         (dict(param_budget=-10), "param_budget"),
         (dict(score_exponent=-0.1), "score_exponent"),
@@ -339,3 +339,19 @@ def test_too_small_budget_raises_at_get_peft_model():
         get_peft_model(
             tiny_llama(), AdaptiveLoraConfig(r=4, min_r=2, target_modules=["q_proj", "v_proj"], param_budget=447)
         )
+
+
+def test_an_adapter_added_with_another_adapters_config_gets_its_own_copy():
+    """``add_adapter("ref", model.peft_config["default"])`` (TRL's DPO reference adapter) must not share the config:
+    the reallocation of one adapter rewrites the rank_pattern the other is saved with."""
+    model = adaptive_model("llama", signal_steps=1, max_r=12)
+    model.add_adapter("ref", model.peft_config["default"])
+    tuner = model.base_model
+    assert tuner.peft_config["ref"] is not tuner.peft_config["default"]
+    batch = make_batch("llama")
+    tuner.start_signal_collection("default")
+    model(**batch).loss.backward()
+    tuner.record_gradients("default")
+    tuner.reallocate(adapter_name="default", step=1)
+    assert set(tuner.ranks("ref").values()) == {4} and len(set(tuner.ranks("default").values())) > 1
+    assert tuner.peft_config["ref"].rank_pattern == {} and tuner.peft_config["ref"].reallocation_step is None

@@ -23,6 +23,6 @@ def test_model_card_of_a_second_adapter_in_a_subfolder_is_tagged_too(tmp_path):
     from peft_adaptive import AdaptiveLoraConfig
 
     model = adaptive_model()
-    model.add_adapter("other", AdaptiveLoraConfig(r=2, target_modules=["q_proj"], warmup_steps=3))
+    model.add_adapter("other", AdaptiveLoraConfig(r=2, target_modules=["q_proj"], signal_steps=3))
     model.save_pretrained(tmp_path / "both", selected_adapters=["other"])
     assert "lora" in ModelCard.load(tmp_path / "both" / "README.md").data.tags

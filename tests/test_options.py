@@ -244,7 +244,7 @@ def _run_case(case: Case, folder: Path) -> dict:
     if case.id == "alora":
         case.inputs = _alora_inputs(case.inputs)
     original = factory(seed=0)
-    config = AdaptiveLoraConfig(r=4, warmup_steps=1, **case.config)
+    config = AdaptiveLoraConfig(r=4, signal_steps=1, **case.config)
     base = copy.deepcopy(original)
     if case.prepare is not None:
         case.prepare(base, config, case.inputs)

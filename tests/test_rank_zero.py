@@ -23,7 +23,7 @@ def test_rank_zero_removes_modules_and_reloads_exactly(tmp_path):
     try:
         base = tiny_llama()
         base.save_pretrained(tmp_path / "base")
-        config = AdaptiveLoraConfig(r=4, target_modules=TARGETS, min_r=0, warmup_steps=2, lora_dropout=0.0)
+        config = AdaptiveLoraConfig(r=4, target_modules=TARGETS, min_r=0, signal_steps=2, lora_dropout=0.0)
         model = get_peft_model(base, config)
         tuner = model.base_model
         ids = TokenDataset(n=8, length=12, seed=2).ids
@@ -76,7 +76,7 @@ def test_rank_zero_removes_modules_and_reloads_exactly(tmp_path):
                 assert torch.equal(torch.load(loaded["logits"]), logits), (mode, name)
 
         # Trainer resume: a fresh adaptive model (all modules at r) loads the checkpoint into the live adapter
-        fresh = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, target_modules=TARGETS, min_r=0, warmup_steps=2))
+        fresh = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, target_modules=TARGETS, min_r=0, signal_steps=2))
         fresh.load_adapter(str(tmp_path / "lora"), adapter_name="default", is_trainable=True)
         assert fresh.base_model.ranks() == tuner.ranks()
         fresh.eval()

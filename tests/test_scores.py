@@ -18,7 +18,7 @@ TARGETS = ["branches.0", "branches.1", "branches.2"]
 
 def planted_student(**config):
     student, teacher, changes = planted_pair()
-    config = {"r": 2, "target_modules": TARGETS, "warmup_steps": 5, "min_r": 0, "max_r": 6, **config}
+    config = {"r": 2, "target_modules": TARGETS, "signal_steps": 5, "min_r": 0, "max_r": 6, **config}
     return get_peft_model(student, AdaptiveLoraConfig(**config)), teacher, changes
 
 
@@ -92,7 +92,7 @@ def test_random_growth_is_the_control():
 def test_every_score_reallocates_a_real_model_within_budget():
     for score in SCORES:
         model = get_peft_model(
-            tiny_llama(), AdaptiveLoraConfig(r=4, target_modules="all-linear", warmup_steps=2, score=score)
+            tiny_llama(), AdaptiveLoraConfig(r=4, target_modules="all-linear", signal_steps=2, score=score)
         )
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model.start_signal_collection()

@@ -15,7 +15,7 @@ from peft_adaptive.signals import ModuleSignals, SignalCollector, combine_scores
 from .tiny_models import adaptive_model, token_batch
 
 #: the signal tests: 5 warmup steps; random lora_B (init_lora_weights=False), so both factors get gradients at once
-CONFIG = {"warmup_steps": 5, "init_lora_weights": False}
+CONFIG = {"signal_steps": 5, "init_lora_weights": False}
 
 
 def loss_of(model, batch):
@@ -61,7 +61,7 @@ def test_signals_are_comparable_across_shapes():
     """Two modules whose factors have the same per-entry statistics get the same signal, whatever their size."""
     torch.manual_seed(0)
     small = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1024))
-    model = get_peft_model(small, AdaptiveLoraConfig(r=4, target_modules=["0", "1"], warmup_steps=2))
+    model = get_peft_model(small, AdaptiveLoraConfig(r=4, target_modules=["0", "1"], signal_steps=2))
     collector = model.start_signal_collection()
     for layer in model.base_model.adapted_modules().values():
         for factor in lora_parameters(layer, "default"):
@@ -146,7 +146,7 @@ def test_reallocate_without_signals_is_an_error():
 
 def test_a_warmup_without_a_finite_step_keeps_the_ranks_and_warns():
     """fp16 overflow on every warmup step: no allocation from garbage; the adapter stays plain LoRA."""
-    model = adaptive_model(warmup_steps=2, init_lora_weights=False)
+    model = adaptive_model(signal_steps=2, init_lora_weights=False)
     tuner = model.base_model
     before = tuner.ranks()
     tuner.start_signal_collection()

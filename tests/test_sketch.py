@@ -15,7 +15,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def sketched_llama(**config):
-    config = {"r": 2, "target_modules": TARGETS, "warmup_steps": 3, "growth": "gradient", "lora_dropout": 0.0, **config}
+    config = {"r": 2, "target_modules": TARGETS, "signal_steps": 3, "growth": "gradient", "lora_dropout": 0.0, **config}
     model = get_peft_model(tiny_llama(), AdaptiveLoraConfig(**config))
     # make the base weights collect their (normally unused) gradients so the test can compare with them
     for layer in model.base_model.adapted_modules().values():

@@ -64,12 +64,12 @@ TINY_MODELS = {
 def adaptive_model(base: str = "llama", seed: int = 0, **config) -> PeftModel:
     """``get_peft_model`` of the tiny ``base`` model (drawn from ``seed``) with ``AdaptiveLoraConfig(**config)``.
 
-    Defaults: r=4 on the linear layers of every block, the model's task type, 3 warmup steps.
+    Defaults: r=4 on the linear layers of every block, the model's task type, 3 signal steps.
     """
     from peft_adaptive import AdaptiveLoraConfig
 
     factory, targets, task = TINY_MODELS[base]
-    config = {"r": 4, "target_modules": targets, "task_type": task, "warmup_steps": 3, **config}
+    config = {"r": 4, "target_modules": targets, "task_type": task, "signal_steps": 3, **config}
     return get_peft_model(factory(seed=seed), AdaptiveLoraConfig(**config))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .config import ADAPTIVE_CONFIG_NAME, AdaptiveLoraConfig
+from .config import ADAPTIVE_CONFIG_NAME, AdaptiveLoraConfig, _renamed_fields
 from .hub_files import fetch_adapter_file, is_hub_id
 
 #: peft_type values whose adapters this package understands.
@@ -109,7 +109,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_adaptive_fields(path: str | os.PathLike, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The plugin's own fields (``allocation``, ``warmup_steps``, ...) of a saved adapter, or None.
+    """The plugin's own fields (``allocation``, ``signal_steps``, ...) of a saved adapter, or None.
 
     They are in the ``adaptive_lora.json`` sidecar when the adapter was saved as plain LoRA, and in
     ``adapter_config.json`` itself when it was saved with ``save_as_lora=False``.
@@ -122,9 +122,10 @@ def read_adaptive_fields(path: str | os.PathLike, config: dict[str, Any] | None 
                 data = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterError(f"{sidecar} is not a readable JSON file: {exc}") from exc
-        return data if isinstance(data, dict) else None
+        return _renamed_fields(data) if isinstance(data, dict) else None
     config = read_adapter_config(directory) if config is None else config
     if config.get("peft_type") == "ADAPTIVE_LORA":
+        config = _renamed_fields(config)
         return {name: config[name] for name in adaptive_field_names() if name in config}
     return None
 

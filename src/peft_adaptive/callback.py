@@ -1,22 +1,28 @@
 """``AdaptiveLoraCallback``: adaptive ranks for an existing ``transformers.Trainer`` script, in one line.
 
-Timeline inside ``Trainer``'s loop (transformers 5.x):
+The callback is a thin wrapper over :meth:`AdaptiveLoraModel.update_and_allocate
+<peft_adaptive.model.AdaptiveLoraModel.update_and_allocate>`, the one call a hand-written loop makes per
+optimizer step. Timeline inside ``Trainer``'s loop (transformers 5.x):
 
 * ``on_train_begin``: checks the setup, snapshots the adapter (for the weight delta, only when
-  ``delta_weight > 0``) and starts the gradient signals; on resume it restores them from the
+  ``delta_weight > 0``) and starts the signals before the first step; on resume it restores them from the
   checkpoint, or notes that the reallocation already happened.
-* ``on_pre_optimizer_step``: reads the gradients once per optimizer step, when they are complete for
-  the step: accumulated over all micro-batches, all-reduced under DDP, unscaled under fp16 and clipped.
-  A step whose gradients are not finite (skipped by the fp16 scaler) adds nothing.
-* ``on_step_end`` of step ``warmup_steps``: reallocates the ranks in place and updates the optimizer.
-  This is between two optimizer steps, never inside a gradient-accumulation window.
+* ``on_pre_optimizer_step``: reads the loss scale the step's backward ran with (fp16), before the optimizer
+  step updates it.
+* ``on_optimizer_step`` (after ``optimizer.step()``, before ``zero_grad()``): ``update_and_allocate`` records
+  the step's gradients, complete for the step: accumulated over all micro-batches, all-reduced under DDP,
+  unscaled under fp16 and clipped; a step whose gradients are not finite (skipped by the fp16 scaler) adds
+  nothing. At step ``signal_steps`` it reallocates the ranks in place, updates the optimizer and
+  re-initialises the DDP wrapper: between two optimizer steps, never inside a gradient-accumulation window.
+* ``on_step_end``: logs the allocation through ``Trainer.log`` at the step it happened.
 * ``on_save``: stores the callback's state beside each checkpoint, so a resume never reallocates twice
-  and a resume during warmup keeps the signals gathered so far.
+  and a resume during the signal steps keeps the signals gathered so far.
 
-``Trainer`` does not pass itself to callbacks. The callback needs it for two things that the callback
-arguments cannot do: logging the allocation through ``Trainer.log`` (so TensorBoard/W&B see it) and
-re-initialising the DDP wrapper over the resized parameters. It finds it by walking up the call stack
-to the ``Trainer`` method that fired the event (see :func:`_calling_instance`).
+The callback needs the ``Trainer`` for two things the callback arguments cannot do: logging the allocation
+through ``Trainer.log`` (so TensorBoard/W&B see it) and re-initialising the DDP wrapper over the resized
+parameters. Pass it explicitly (``AdaptiveLoraCallback(trainer=trainer)``, then ``trainer.add_callback(...)``);
+otherwise the callback finds it by walking up the call stack to the ``Trainer`` method that fired the event
+(see :func:`_calling_instance`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import atomic_write, is_complete_checkpoint, last_complete_checkpoint
+from .distributed import check_ddp
 from .model import AdaptiveLoraModel, AllocationReport
 
 logger = logging.getLogger(__name__)
@@ -42,22 +49,32 @@ CALLBACK_STATE_NAME = "adaptive_lora_state.pt"
 
 
 class AdaptiveLoraCallback(TrainerCallback):
-    """Collect warmup signals and reallocate LoRA ranks once, in place, during ``Trainer.train()``.
+    """Collect the signals and reallocate LoRA ranks once, in place, during ``Trainer.train()``.
 
     Args:
         adapter_name: the adapter to reallocate (default: the model's active adapter).
-        allow_plain_lora: when the run is not longer than ``warmup_steps``, train it as plain LoRA
+        allow_plain_lora: when the run is not longer than ``signal_steps``, train it as plain LoRA
             (with a warning) instead of raising.
+        trainer: the ``Trainer`` this callback is added to, for callbacks created after the trainer
+            (``trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))``, as TRL's callbacks do). Without
+            it the callback finds the ``Trainer`` that fires its events by walking up the call stack.
     """
 
-    def __init__(self, adapter_name: str | None = None, allow_plain_lora: bool = False):
+    def __init__(self, adapter_name: str | None = None, allow_plain_lora: bool = False, trainer: Trainer | None = None):
+        if trainer is not None and not isinstance(trainer, Trainer):
+            raise TypeError(
+                f"AdaptiveLoraCallback(trainer=...) must be a transformers.Trainer, got {type(trainer).__name__}"
+            )
         self.adapter_name = adapter_name
         self.allow_plain_lora = allow_plain_lora
         self.reallocation_step: int | None = None
         self.report: AllocationReport | None = None
         self._tuner: AdaptiveLoraModel | None = None
-        self._trainer: Trainer | None = None
+        self._explicit_trainer = trainer
+        self._trainer: Trainer | None = trainer
         self._collecting = False
+        self._loss_scale = 1.0
+        self._unlogged: AllocationReport | None = None
 
     # --- events --------------------------------------------------------------------------------------
 
@@ -67,51 +84,64 @@ class AdaptiveLoraCallback(TrainerCallback):
             self._tuner = _adaptive_tuner(kwargs["model"])
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._trainer = self._find_trainer()
         _refuse_duplicates(self)
-        self._trainer = _calling_instance(Trainer)
         self._tuner = _adaptive_tuner(kwargs["model"])
         self.adapter_name = self._tuner._resolve_adapter(self.adapter_name)
         _refuse_sharded_backends(self._trainer, args)
-        warmup = self.config.warmup_steps
+        signal_steps = self.config.signal_steps
         resumed = self._restore(args, state)
         if self.config.reallocation_step is not None and self.reallocation_step is None:
             # calibrated before training (calibrate_adaptive_lora) or loaded after a reallocation: nothing to do
             self.reallocation_step = self.config.reallocation_step
-        if self.reallocation_step is not None or state.global_step >= warmup:
+        if self.reallocation_step is not None or state.global_step >= signal_steps:
             self._collecting = False
             return
-        if state.max_steps <= warmup:
+        if state.max_steps <= signal_steps:
             message = (
-                f"AdaptiveLoraConfig.warmup_steps={warmup} is not shorter than the run (max_steps={state.max_steps}): "
-                "the ranks would never be reallocated"
+                f"AdaptiveLoraConfig.signal_steps={signal_steps} is not shorter than the run "
+                f"(max_steps={state.max_steps}): the ranks would never be reallocated"
             )
             if not self.allow_plain_lora:
                 raise ValueError(
-                    message + ". Lower warmup_steps, or pass AdaptiveLoraCallback(allow_plain_lora=True) "
+                    message + ". Lower signal_steps, or pass AdaptiveLoraCallback(allow_plain_lora=True) "
                     "to train as plain LoRA."
                 )
             warnings.warn(message + "; training as plain LoRA (allow_plain_lora=True).", stacklevel=2)
             return
+        self._check_distributed()
         if not resumed:
             self._tuner.start_signal_collection(self.adapter_name, seed=args.seed)
         self._collecting = True
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collecting:
-            self._tuner.record_gradients(self.adapter_name, scale=_loss_scale(self._trainer))
+            # the scale this step's backward ran with; optimizer.step() may change it (GradScaler.update)
+            self._loss_scale = _loss_scale(self._trainer)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not self._collecting:
+            return
+        step = state.global_step + 1  # Trainer counts the step after on_optimizer_step
+        report = self._tuner.update_and_allocate(
+            step,
+            kwargs.get("optimizer"),
+            self.adapter_name,
+            loss_scale=self._loss_scale,
+            seed=args.seed,
+            wrapper=self._trainer.model_wrapped if self._trainer is not None else None,
+        )
+        if report is not None or self.config.reallocation_step is not None:
+            self._collecting = False
+        if report is not None:
+            self.report = report
+            self.reallocation_step = step
+            self._unlogged = report
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not self._collecting or state.global_step < self.config.warmup_steps:
-            return
-        self._collecting = False
-        optimizer = kwargs.get("optimizer")
-        report = self._tuner.reallocate(
-            optimizer, adapter_name=self.adapter_name, step=state.global_step, seed=args.seed + state.global_step
-        )
-        _rewrap_distributed(self._trainer)
-        self.report = report
-        self.reallocation_step = state.global_step
-        self._log(report, state)
+        if self._unlogged is not None:
+            report, self._unlogged = self._unlogged, None
+            self._log(report, state)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not state.is_world_process_zero or self._tuner is None:
@@ -132,6 +162,31 @@ class AdaptiveLoraCallback(TrainerCallback):
     def config(self):
         return self._tuner.peft_config[self.adapter_name]
 
+    def _find_trainer(self) -> Trainer | None:
+        """The explicit ``trainer``, else the ``Trainer`` up the call stack; refuses a mismatch of the two."""
+        found = _calling_instance(Trainer)
+        if self._explicit_trainer is None:
+            return found
+        if found is not None and found is not self._explicit_trainer:
+            raise ValueError(
+                "AdaptiveLoraCallback(trainer=...) was given a different Trainer than the one that is training; "
+                "pass the trainer the callback is added to"
+            )
+        return self._explicit_trainer
+
+    def _check_distributed(self) -> None:
+        """Under DDP the wrapper must be found now and be one that can be re-initialised at the reallocation."""
+        if self._trainer is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                if torch.distributed.get_world_size() > 1:
+                    raise RuntimeError(
+                        "AdaptiveLoraCallback cannot find the Trainer, which it needs to re-initialise the DDP "
+                        "wrapper after the reallocation: pass it explicitly, "
+                        "trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))"
+                    )
+            return
+        check_ddp(self._trainer.model_wrapped)
+
     def _restore(self, args: TrainingArguments, state: TrainerState) -> bool:
         """Restore signals/flags from the checkpoint being resumed; True if signals were restored."""
         resumed = _resumed_checkpoint()
@@ -150,9 +205,9 @@ class AdaptiveLoraCallback(TrainerCallback):
         checkpoint = resumed or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = os.path.join(checkpoint, CALLBACK_STATE_NAME)
         if not os.path.isfile(path):
-            if state.global_step < self.config.warmup_steps:
+            if state.global_step < self.config.signal_steps:
                 warnings.warn(
-                    f"resuming during warmup without {CALLBACK_STATE_NAME} in {checkpoint}: the warmup signals "
+                    f"resuming during the signal steps without {CALLBACK_STATE_NAME} in {checkpoint}: the signals "
                     "restart from this step",
                     stacklevel=3,
                 )
@@ -222,7 +277,8 @@ def _resumed_checkpoint() -> str | None:
 
 
 def _refuse_duplicates(callback: AdaptiveLoraCallback) -> None:
-    handler = _calling_instance(CallbackHandler)
+    trainer = callback._trainer
+    handler = trainer.callback_handler if trainer is not None else _calling_instance(CallbackHandler)
     if handler is None:
         return
     count = sum(isinstance(cb, AdaptiveLoraCallback) for cb in handler.callbacks)
@@ -242,40 +298,9 @@ def _refuse_sharded_backends(trainer: Trainer | None, args: TrainingArguments) -
         backend = "FSDP" if fsdp else "DeepSpeed"
         raise RuntimeError(
             f"AdaptiveLoraCallback does not support {backend}: it shards parameters and owns the optimizer, so "
-            "adapters cannot be resized in place. Supported alternative: a two-phase run. Phase 1: train the warmup "
-            "with DDP (torchrun/accelerate without FSDP/DeepSpeed) or one device, with AdaptiveLoraCallback and "
-            "max_steps=warmup_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
+            "adapters cannot be resized in place. Supported alternative: a two-phase run. Phase 1: train the signal "
+            "steps with DDP (torchrun/accelerate without FSDP/DeepSpeed) or one device, with AdaptiveLoraCallback and "
+            "max_steps=signal_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
             f"load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue under {backend} "
             "with a fresh Trainer, without the callback."
         )
-
-
-def _rewrap_distributed(trainer: Trainer | None) -> None:
-    """Re-initialise the DDP wrapper in place so that it all-reduces the new parameters.
-
-    DDP registers its gradient hooks and buckets per Parameter object when it is built. After a resize the
-    new Parameters have no hook: under ``find_unused_parameters=True`` (what Trainer uses for PEFT models) they
-    silently stop being synchronised and the processes drift apart. The training loop holds the wrapper in
-    a local variable, so it is re-initialised in place rather than replaced. Its constructor broadcasts
-    process 0's parameters, so every process continues from identical weights.
-    """
-    if trainer is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            raise RuntimeError("cannot find the Trainer to re-initialise its DDP wrapper after the reallocation")
-        return
-    wrapped = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # torch.compile
-    if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-        return
-    kwargs = {
-        "device_ids": wrapped.device_ids,
-        "output_device": wrapped.output_device,
-        "dim": wrapped.dim,
-        "broadcast_buffers": wrapped.broadcast_buffers,
-        "process_group": wrapped.process_group,
-        "bucket_cap_mb": wrapped.bucket_bytes_cap / (1024 * 1024),
-        "find_unused_parameters": wrapped.find_unused_parameters,
-        "gradient_as_bucket_view": wrapped.gradient_as_bucket_view,
-        "static_graph": wrapped.static_graph,
-    }
-    module = wrapped.module
-    torch.nn.parallel.DistributedDataParallel.__init__(wrapped, module, **kwargs)

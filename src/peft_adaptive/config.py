@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 from peft import LoraConfig
@@ -25,6 +26,15 @@ GROWTH_RULES = ("gradient", "random")
 
 ADAPTIVE_PEFT_TYPE = ensure_peft_type()
 
+#: Default of ``AdaptiveLoraConfig.signal_steps``.
+DEFAULT_SIGNAL_STEPS = 200
+
+_WARMUP_STEPS_RENAMED = (
+    "AdaptiveLoraConfig(warmup_steps=...) is deprecated and will be removed in the next release: use "
+    "signal_steps=... (optimizer steps of signal collection before the one reallocation; warmup_steps was easily "
+    "mistaken for TrainingArguments.warmup_steps, the learning-rate warmup)"
+)
+
 #: Sidecar written next to ``adapter_config.json`` when the adapter is saved as plain LoRA.
 ADAPTIVE_CONFIG_NAME = "adaptive_lora.json"
 
@@ -33,12 +43,14 @@ ADAPTIVE_CONFIG_NAME = "adaptive_lora.json"
 class AdaptiveLoraConfig(LoraConfig):
     """Configuration for adaptive-rank LoRA.
 
-    Training starts as plain LoRA at rank ``r``. After ``warmup_steps`` optimizer steps every adapted module
-    gets a score ``grad_weight * G_i + delta_weight * W_i`` (gradient activity and weight change during the
-    warmup, see :mod:`peft_adaptive.signals`), and the parameter budget is re-split into integer ranks in
+    Training starts as plain LoRA at rank ``r``. After ``signal_steps`` optimizer steps every adapted module
+    gets a score ``grad_weight * G_i + delta_weight * W_i`` (gradient activity and weight change during those
+    steps, see :mod:`peft_adaptive.signals`), and the parameter budget is re-split into integer ranks in
     ``[min_r, max_r]`` proportional to ``score ** score_exponent``. All other fields are ``LoraConfig``'s.
 
     ``grad_weight``/``delta_weight`` are called ``monitor_alpha``/``monitor_beta`` in the original write-up.
+    ``warmup_steps=`` is the deprecated name of ``signal_steps`` (accepted with a ``FutureWarning`` for one
+    release; it is easily mistaken for ``TrainingArguments.warmup_steps``, the learning-rate warmup).
     """
 
     min_r: int = field(
@@ -58,8 +70,12 @@ class AdaptiveLoraConfig(LoraConfig):
             "reallocation. Default: what plain LoRA at rank r has on the same targets."
         },
     )
-    warmup_steps: int = field(
-        default=200, metadata={"help": "Optimizer steps of signal collection before the ranks are reallocated."}
+    signal_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps of signal collection before the one reallocation (default 200). Not the "
+            "learning-rate warmup (TrainingArguments.warmup_steps)."
+        },
     )
     score: str = field(
         default="norms",
@@ -101,8 +117,21 @@ class AdaptiveLoraConfig(LoraConfig):
     allocation: dict | None = field(
         default=None, metadata={"help": "Set by the plugin: ranks, scores and signals of the last reallocation."}
     )
+    #: Deprecated name of ``signal_steps`` (not a field: never saved).
+    warmup_steps: InitVar[int | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, warmup_steps: int | None = None):
+        if warmup_steps is not None:
+            if self.signal_steps is not None and self.signal_steps != warmup_steps:
+                raise ValueError(
+                    f"AdaptiveLoraConfig got signal_steps={self.signal_steps!r} and warmup_steps={warmup_steps!r}, "
+                    "the deprecated name of the same field: pass only signal_steps"
+                )
+            if sys._getframe(2).f_code.co_name != "from_peft_type":  # a saved config is read: nothing to fix in code
+                warnings.warn(_WARMUP_STEPS_RENAMED, FutureWarning, stacklevel=3)
+            self.signal_steps = warmup_steps
+        if self.signal_steps is None:
+            self.signal_steps = DEFAULT_SIGNAL_STEPS
         super().__post_init__()
         # LoraConfig.__post_init__ forces PeftType.LORA, so this has to come after it.
         self.peft_type = ADAPTIVE_PEFT_TYPE
@@ -122,9 +151,9 @@ class AdaptiveLoraConfig(LoraConfig):
             f"an integer >= min_r ({self.min_r})",
         )
         _require(
-            isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
-            "warmup_steps",
-            self.warmup_steps,
+            isinstance(self.signal_steps, int) and not isinstance(self.signal_steps, bool) and self.signal_steps >= 1,
+            "signal_steps",
+            self.signal_steps,
             "an integer >= 1",
         )
         for name in ("grad_weight", "delta_weight", "score_exponent"):
@@ -221,13 +250,48 @@ class AdaptiveLoraConfig(LoraConfig):
         data = read_config_and_sidecar(config_file, sidecar)  # checked against the weights; errors name the file
         data.pop("peft_type", None)
         data.pop("auto_mapping", None)
-        known = {f.name for f in fields(cls)}
+        data = _renamed_fields(data)
+        known = {f.name for f in fields(cls)} | {"warmup_steps"}  # an override by the old name still warns
         try:
             return cls(**{k: v for k, v in {**data, **overrides}.items() if k in known})
         except (TypeError, ValueError) as exc:
             raise AdapterError(
                 f"{sidecar} (with {CONFIG_NAME}) does not make a valid AdaptiveLoraConfig: {exc}"
             ) from exc
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """PEFT's hook before a saved config is built: read files saved with the old field names."""
+        return _renamed_fields(super().check_kwargs(**kwargs))
+
+
+def _deprecated_warmup_steps(self: AdaptiveLoraConfig) -> int | None:
+    caller = sys._getframe(1)
+    if caller.f_globals.get("__name__") == "dataclasses":
+        return None  # dataclasses.replace copies init-only arguments: the old name is not one to pass on
+    warnings.warn(_WARMUP_STEPS_RENAMED, FutureWarning, stacklevel=2)
+    return self.signal_steps
+
+
+def _set_deprecated_warmup_steps(self: AdaptiveLoraConfig, value: int) -> None:
+    warnings.warn(_WARMUP_STEPS_RENAMED, FutureWarning, stacklevel=2)
+    self.signal_steps = value
+
+
+# Reading or setting ``config.warmup_steps`` still works for one release, with the warning. Set after the class is
+# built so that the dataclass keeps ``warmup_steps=None`` as the default of its init-only argument.
+AdaptiveLoraConfig.warmup_steps = property(_deprecated_warmup_steps, _set_deprecated_warmup_steps)
+
+
+def _renamed_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Saved configs and sidecars written before the rename carry ``warmup_steps``: read it as ``signal_steps``."""
+    if "warmup_steps" not in data:
+        return data
+    data = dict(data)
+    old = data.pop("warmup_steps")
+    if data.get("signal_steps") is None:
+        data["signal_steps"] = old
+    return data
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -11,6 +12,7 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import _get_submodules
 
+from . import distributed as _distributed
 from .config import AdaptiveLoraConfig
 from .naming import pattern_key
 from .optim import replace_optimizer_params
@@ -64,8 +66,10 @@ class AdaptiveLoraModel(LoraModel):
     Created by ``get_peft_model(model, AdaptiveLoraConfig(...))``. The layers are PEFT's own ``LoraLayer``s,
     so everything that works on LoRA (merging, multiple adapters, saving) works here. The extra API:
 
-    * :meth:`start_signal_collection` / :meth:`record_gradients`: collect warmup signals (the
-      ``AdaptiveLoraCallback`` calls these for a ``Trainer``);
+    * :meth:`update_and_allocate`: the one call per optimizer step for hand-written loops (what
+      ``AdaptiveLoraCallback`` calls for a ``Trainer``): it collects the signals and reallocates at step
+      ``signal_steps``;
+    * :meth:`start_signal_collection` / :meth:`record_gradients`: collect the signals step by step;
     * :meth:`reallocate`: score, allocate and resize now, updating an optimizer if given;
     * :meth:`resize_adapter`: resize to explicit ranks.
     """
@@ -74,9 +78,11 @@ class AdaptiveLoraModel(LoraModel):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs):
         self._signal_collectors: dict[str, SignalCollector] = {}
+        self._signal_steps_seen: dict[str, int] = {}  # the last global_step update_and_allocate saw, per adapter
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
+        self._unshare_config(adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         if isinstance(config, AdaptiveLoraConfig) and not config.inference_mode:
@@ -97,6 +103,17 @@ class AdaptiveLoraModel(LoraModel):
                 "only holds when the ranks did not change. Save the residual base model with the adapter instead."
             )
         return super()._convert_state_dict_for_initial_model(peft_model, peft_config, path, output_state_dict, kwargs)
+
+    def _unshare_config(self, adapter_name: str) -> None:
+        """Give ``adapter_name`` its own config object if another adapter holds the same one.
+
+        ``add_adapter("ref", model.peft_config["default"])`` (TRL's DPO does this for its reference adapter) would
+        otherwise share one config, and the reallocation of one adapter rewrites the ``rank_pattern`` the other
+        is saved and reloaded with.
+        """
+        config = self.peft_config.get(adapter_name)
+        if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
+            self.peft_config[adapter_name] = copy.deepcopy(config)
 
     # --- introspection -----------------------------------------------------------------------------
 
@@ -128,6 +145,109 @@ class AdaptiveLoraModel(LoraModel):
         if getattr(config, "param_budget", None) is not None:
             return config.param_budget
         return config.r * sum(cost_per_rank(m, adapter_name) for m in self.adapted_modules(adapter_name).values())
+
+    # --- the one call per optimizer step ----------------------------------------------------------
+
+    def update_and_allocate(
+        self,
+        global_step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        adapter_name: str | None = None,
+        *,
+        loss_scale: float = 1.0,
+        seed: int = 0,
+        wrapper: torch.nn.Module | None = None,
+    ) -> AllocationReport | None:
+        """Run the adaptive schedule for optimizer step ``global_step``; call it once per optimizer step.
+
+        Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (the gradients of the step must
+        still be there), like AdaLoRA's ``update_and_allocate``::
+
+            loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(global_step, optimizer)
+            optimizer.zero_grad()
+
+        It owns the whole schedule: it starts the signal collection if it was not started, records the step's
+        gradients while ``global_step <= signal_steps``, and at ``global_step == signal_steps`` reallocates the
+        ranks in place (:meth:`reallocate`, updating ``optimizer``) and returns the :class:`AllocationReport`.
+        Every other call returns None; after the reallocation, or when the adapter was already reallocated or
+        calibrated (``config.reallocation_step`` is set), it does nothing.
+
+        Args:
+            global_step: optimizer steps done, counting this one (1 at the first call, like
+                ``Trainer.state.global_step`` after the step). Under gradient accumulation, count optimizer
+                steps, not micro-batches, and call this only on the steps where the optimizer stepped.
+            optimizer: the optimizer that trains the adapter; updated in place at the reallocation.
+            adapter_name: the adapter (default: the active one).
+            loss_scale: the loss scale the step's backward ran with, if the loss was scaled (a ``GradScaler``:
+                ``scaler.get_scale()`` read before ``scaler.update()``), else 1. Only the gradient sketch of
+                ``growth="gradient"`` and the sketch scores needs it; the factor gradients must be unscaled.
+            seed: seeds the gradient sketch (when the collection starts here) and the random rows growing modules
+                get (:meth:`reallocate`'s ``seed``); the same on every process.
+            wrapper: the ``DistributedDataParallel`` wrapper around this model (or an accelerate-prepared /
+                ``torch.compile``-d model): re-initialised in place after the reallocation so that the new
+                parameters are synchronised (see :mod:`peft_adaptive.distributed`). Anything that is not DDP
+                is ignored.
+
+        The collection records what the configured score needs. When that is more than gradient norms (the
+        weight delta, ``delta_weight > 0``; the gradient sketch, ``growth="gradient"`` or a sketch score), call
+        :meth:`start_signal_collection` before the first training step: started here, after the first
+        step, the snapshot and the sketch miss that step (a warning says so).
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 1:
+            raise ValueError(
+                f"global_step must be the number of optimizer steps done, counting this one (>= 1), got {global_step!r}"
+            )
+        config = self.peft_config[adapter_name]
+        if config.reallocation_step is not None:
+            return None
+        if getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True) is False:
+            raise RuntimeError(
+                "update_and_allocate was called on a micro-batch where accelerate did not step the optimizer "
+                "(gradient accumulation): call it once per optimizer step, inside `if accelerator.sync_gradients:` "
+                "after optimizer.step()"
+            )
+        collecting = adapter_name in self._signal_collectors
+        if not collecting:
+            if global_step > config.signal_steps:
+                return None
+            _distributed.check_ddp(wrapper)
+            self._start_late(adapter_name, global_step, seed)
+        last = self._signal_steps_seen.get(adapter_name)
+        if last is not None and global_step <= last:
+            raise ValueError(
+                f"update_and_allocate got global_step={global_step} after {last}: call it once per optimizer step, "
+                "with the count of optimizer steps (not micro-batches, not restarting each epoch)"
+            )
+        self._signal_steps_seen[adapter_name] = global_step
+        if global_step <= config.signal_steps:
+            self.record_gradients(adapter_name, scale=loss_scale)
+        if global_step < config.signal_steps:
+            return None
+        _distributed.check_ddp(wrapper)  # refuse before anything is resized
+        report = self._allocate(adapter_name, optimizer, global_step, seed, None, initialise=False)
+        _distributed.rewrap_ddp(wrapper)
+        return report
+
+    def _start_late(self, adapter_name: str, global_step: int, seed: int) -> None:
+        """Start the signals from :meth:`update_and_allocate`, i.e. after this step's backward and optimizer step."""
+        collector = self.start_signal_collection(adapter_name, seed=seed)
+        missed = []
+        if global_step > 1:
+            missed.append(f"the gradients of steps 1..{global_step - 1}")
+        if collector.tracks_delta:
+            missed.append(f"the weight change of step {global_step}")
+        if collector.sketch is not None and collector.sketch.names:
+            missed.append(f"the gradient sketch of step {global_step}")
+        if missed:
+            warnings.warn(
+                f"adaptive LoRA: the signal collection of adapter {adapter_name!r} started in update_and_allocate at "
+                f"step {global_step}, so it misses {' and '.join(missed)}. Call "
+                "model.base_model.start_signal_collection() before the first training step.",
+                stacklevel=3,
+            )
 
     # --- signals ------------------------------------------------------------------------------------
 
@@ -166,9 +286,9 @@ class AdaptiveLoraModel(LoraModel):
     def record_gradients(self, adapter_name: str | None = None, scale: float = 1.0) -> None:
         """Add the current gradients to the signals; call once per optimizer step, before ``zero_grad``.
 
-        ``scale``: the loss scale if the gradients are still scaled (a ``GradScaler`` before ``unscale_``);
-        ``Trainer`` unscales before its ``on_pre_optimizer_step``, so the callback passes the scaler's scale
-        only for the layer-output gradients the sketch sees.
+        The gradients of the adapter's factors must be complete for the step (accumulated, all-reduced) and
+        unscaled (after ``scaler.unscale_`` or ``scaler.step``). ``scale``: the loss scale the backward ran
+        with, if any; only the layer-output gradients the gradient sketch sees still contain it.
         """
         adapter_name = self._resolve_adapter(adapter_name)
         if adapter_name not in self._signal_collectors:
@@ -176,6 +296,7 @@ class AdaptiveLoraModel(LoraModel):
         self._signal_collectors[adapter_name].record_gradients(scale)
 
     def _close_collector(self, adapter_name: str) -> None:
+        self._signal_steps_seen.pop(adapter_name, None)
         collector = self._signal_collectors.pop(adapter_name, None)
         if collector is not None:
             collector.close()
