@@ -49,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--min-r", type=int, default=2)
     p.add_argument("--max-r", type=int, default=32)
-    p.add_argument("--grad-weight", type=float, default=1.0)
-    p.add_argument("--delta-weight", type=float, default=0.0)
+    p.add_argument("--score", default=None, help="AdaptiveLoraConfig.score (default: the package's default)")
+    p.add_argument("--grad-weight", type=float, default=1.0, help="--score norms only")
+    p.add_argument("--delta-weight", type=float, default=0.0, help="--score norms only")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         max_r=args.max_r,
         target_modules=["query", "key", "value", "dense"],
         signal_steps=args.signal_steps,
-        grad_weight=args.grad_weight,
-        delta_weight=args.delta_weight,
+        **({"score": args.score} if args.score else {}),
+        **(dict(grad_weight=args.grad_weight, delta_weight=args.delta_weight) if args.score == "norms" else {}),
     )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()

@@ -25,6 +25,7 @@ class Method:
     grad_weight: float | None = None
     delta_weight: float | None = None
     lr: float | None = None  # overrides the shared adapter learning rate (only AdaLoRA offers this)
+    score: str | None = None  # AdaptiveLoraConfig.score (None: the package default)
 
 
 METHOD_KINDS = ("lora", "adaptive", "adalora", "eva", "full")
@@ -50,7 +51,7 @@ def ablation_methods(ablations: list[str], args: argparse.Namespace, max_steps: 
     variants = []
     if "weights" in ablations:
         for g, d, label in ((1.0, 0.0, "grad only"), (0.0, 1.0, "delta only"), (0.5, 0.5, "0.5/0.5")):
-            variants.append(replace(default, name=f"adaptive ({label})", grad_weight=g, delta_weight=d))
+            variants.append(replace(default, name=f"adaptive ({label})", grad_weight=g, delta_weight=d, score="norms"))
     if "warmup" in ablations:
         for w in args.ablation_warmups:
             if w >= max_steps:
@@ -64,7 +65,7 @@ def dedupe_methods(methods: list[Method]) -> list[Method]:
     """Drop variants whose configuration equals an earlier method's (e.g. 'grad only' = the default)."""
     seen, kept = set(), []
     for m in methods:
-        key = (m.kind, m.signal_steps, m.grad_weight, m.delta_weight, m.lr)
+        key = (m.kind, m.signal_steps, m.grad_weight, m.delta_weight, m.lr, m.score)
         if key in seen:
             print(f"note: {m.name!r} is the same configuration as an earlier method; not run twice")
             continue
@@ -108,8 +109,12 @@ def adaptive_config(spec: RunSpec, method: Method, targets: list[str]):
         lora_dropout=spec.lora_dropout,
         target_modules=targets,
         signal_steps=method.signal_steps,
-        grad_weight=method.grad_weight,
-        delta_weight=method.delta_weight,
+        # the signal weights belong to score="norms" (the write-up's score, kept for its ablation)
+        **(
+            dict(score="norms", grad_weight=method.grad_weight, delta_weight=method.delta_weight)
+            if method.score == "norms"
+            else {}
+        ),
     )
 
 

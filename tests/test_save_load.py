@@ -20,7 +20,14 @@ from .tiny_models import TokenDataset, tiny_llama
 
 TARGETS = ["embed_tokens", "q_proj", "v_proj", "o_proj", "down_proj"]
 ADAPTIVE_FIELDS = dict(
-    min_r=1, max_r=10, signal_steps=3, grad_weight=0.7, delta_weight=0.3, score_exponent=1.5, param_budget=3000
+    min_r=1,
+    max_r=10,
+    signal_steps=3,
+    score="norms",
+    grad_weight=0.7,
+    delta_weight=0.3,
+    score_exponent=1.5,
+    param_budget=3000,
 )
 
 

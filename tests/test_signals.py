@@ -15,7 +15,7 @@ from peft_adaptive.signals import ModuleSignals, SignalCollector, combine_scores
 from .tiny_models import adaptive_model, token_batch
 
 #: the signal tests: 5 warmup steps; random lora_B (init_lora_weights=False), so both factors get gradients at once
-CONFIG = {"signal_steps": 5, "init_lora_weights": False}
+CONFIG = {"signal_steps": 5, "init_lora_weights": False, "score": "norms"}  # the norms score's signals
 
 
 def loss_of(model, batch):

@@ -75,8 +75,8 @@ def assert_same_model(a, b) -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [{}, {"delta_weight": 0.5, "growth": "gradient"}, {"score": "sensitivity"}],
-    ids=["default", "delta-and-gradient-growth", "sensitivity"],
+    [{}, {"score": "norms", "delta_weight": 0.5, "growth": "gradient"}, {"score": "norms"}],
+    ids=["default", "delta-and-gradient-growth", "norms"],
 )
 def test_one_call_gives_exactly_the_low_level_sequence(config):
     data = batches()
@@ -186,7 +186,7 @@ def test_a_first_call_after_the_signal_steps_does_nothing():
 
 
 def test_tracked_delta_started_late_warns():
-    model = adaptive_model(max_r=12, signal_steps=2, delta_weight=1.0)
+    model = adaptive_model(max_r=12, signal_steps=2, score="norms", delta_weight=1.0)
     optimizer = optimizer_for(model)
     model(**batches(1)[0]).loss.backward()
     optimizer.step()

@@ -44,9 +44,10 @@ class AdaptiveLoraConfig(LoraConfig):
     """Configuration for adaptive-rank LoRA.
 
     Training starts as plain LoRA at rank ``r``. After ``signal_steps`` optimizer steps every adapted module
-    gets a score ``grad_weight * G_i + delta_weight * W_i`` (gradient activity and weight change during those
-    steps, see :mod:`peft_adaptive.signals`), and the parameter budget is re-split into integer ranks in
-    ``[min_r, max_r]`` proportional to ``score ** score_exponent``. All other fields are ``LoraConfig``'s.
+    gets a score (``score``; by default AdaLoRA's smoothed sensitivity ``|theta * grad|`` of its adapter, the
+    best of the measured scores, see ``benchmarks/RESULTS.md``), and the parameter budget is re-split into
+    integer ranks in ``[min_r, max_r]`` proportional to ``score ** score_exponent``; the spectrum scores use one
+    global threshold instead (:mod:`peft_adaptive.scores`). All other fields are ``LoraConfig``'s.
 
     ``grad_weight``/``delta_weight`` are called ``monitor_alpha``/``monitor_beta`` in the original write-up.
     ``warmup_steps=`` is the deprecated name of ``signal_steps`` (accepted with a ``FutureWarning`` for one
@@ -78,10 +79,11 @@ class AdaptiveLoraConfig(LoraConfig):
         },
     )
     score: str = field(
-        default="norms",
+        # chosen by benchmarks/allocation_bench.py: the best score on the planted-rank benchmark (RESULTS.md)
+        default="sensitivity",
         metadata={
-            "help": "How modules are scored and ranks allocated: 'norms' (grad_weight/delta_weight), 'sensitivity', "
-            "'sketch_energy', 'spectral' or 'gradient_spectrum' (see peft_adaptive.scores)."
+            "help": "How modules are scored and ranks allocated: 'sensitivity' (default), 'norms' "
+            "(grad_weight/delta_weight), 'sketch_energy', 'spectral' or 'gradient_spectrum' (see peft_adaptive.scores)."
         },
     )
     growth: str = field(
@@ -95,8 +97,12 @@ class AdaptiveLoraConfig(LoraConfig):
         default=None,
         metadata={"help": "Rows of each module's gradient sketch (default: max_r + 8). Only used when needed."},
     )
-    grad_weight: float = field(default=1.0, metadata={"help": "Weight of the gradient-norm signal (>= 0)."})
-    delta_weight: float = field(default=0.0, metadata={"help": "Weight of the weight-delta signal (>= 0)."})
+    grad_weight: float = field(
+        default=1.0, metadata={"help": "score='norms' only: weight of the gradient-norm signal (>= 0)."}
+    )
+    delta_weight: float = field(
+        default=0.0, metadata={"help": "score='norms' only: weight of the weight-delta signal (>= 0)."}
+    )
     score_exponent: float = field(
         default=1.0,
         metadata={
@@ -169,6 +175,11 @@ class AdaptiveLoraConfig(LoraConfig):
             self.sketch_size,
             "an integer >= 1",
         )
+        if self.score != "norms" and (self.grad_weight != 1.0 or self.delta_weight != 0.0):
+            raise ValueError(
+                f"AdaptiveLoraConfig got grad_weight={self.grad_weight!r}, delta_weight={self.delta_weight!r} with "
+                f"score={self.score!r}: the two weights only apply to score='norms'; pass score='norms' to use them"
+            )
         if self.score == "norms" and self.grad_weight == 0 and self.delta_weight == 0:
             raise ValueError(
                 "grad_weight and delta_weight are both 0: at least one must be > 0 for the scores to mean anything"
