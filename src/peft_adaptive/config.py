@@ -138,6 +138,9 @@ class AdaptiveLoraConfig(LoraConfig):
             self.signal_steps = warmup_steps
         if self.signal_steps is None:
             self.signal_steps = DEFAULT_SIGNAL_STEPS
+        # Every LoraConfig option is resized, has no effect on resizing, or is refused. Checked before PEFT's own
+        # checks so that a refused option gets this package's reason (PEFT's may first demand, e.g., scipy for LoftQ).
+        check_lora_options(self)
         super().__post_init__()
         # LoraConfig.__post_init__ forces PeftType.LORA, so this has to come after it.
         self.peft_type = ADAPTIVE_PEFT_TYPE
@@ -191,7 +194,6 @@ class AdaptiveLoraConfig(LoraConfig):
                 self.param_budget,
                 "None (plain LoRA's count at rank r) or an integer >= 1",
             )
-        check_lora_options(self)  # every LoraConfig option is resized, has no effect on resizing, or is refused
 
     # --- saving --------------------------------------------------------------------------------------
 
