@@ -1,0 +1,91 @@
+"""FSDP2: the base model sharded per decoder layer, the adapter replicated and reallocated in place.
+
+``tests/scripts/fsdp_train.py`` runs under ``torchrun --nproc_per_node 2`` (CPU, gloo) once for the module: the
+hand loop with ``update_and_allocate`` on a model sharded by ``peft_adaptive.fsdp.shard_base_model``, the same
+loop unsharded in one process on the same data, and a resume from a checkpoint taken after the reallocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_adaptive.fsdp import shard_base_model
+
+from .fresh_process import load_adapters
+from .process_group import torchrun
+from .tiny_models import adaptive_model, tiny_llama
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_train.py"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    proc = torchrun(str(SCRIPT), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(run) -> dict:
+    return json.loads((run / "result.json").read_text())
+
+
+def test_allocation_equals_the_single_process_run(result):
+    reference, sharded = result["reference"]["report"], result["sharded"]["report"]
+    assert result["world_size"] == 2
+    assert sharded["step"] == reference["step"] == 3
+    assert sharded["ranks_after"] == reference["ranks_after"]
+    assert len(set(sharded["ranks_after"])) > 1  # a real reallocation, not uniform ranks
+    assert sharded["used"] == reference["used"] and sharded["budget"] == reference["budget"]
+    for ours, theirs in zip(sharded["grad_signal"], reference["grad_signal"]):
+        assert math.isclose(ours, theirs, rel_tol=1e-5)
+    # every process resized to the same ranks
+    assert result["ranks_per_process"][0] == result["ranks_per_process"][1]
+
+
+def test_processes_stay_identical_and_training_continues(result, run):
+    assert result["max_diff_per_step"] == {str(s): 0.0 for s in range(1, 10)}
+    losses = result["sharded"]["losses"]
+    after = losses[3:]  # the steps after the reallocation at step 3
+    assert all(b < a for a, b in zip(after, after[1:])), losses
+    assert losses == pytest.approx(result["reference"]["losses"], rel=1e-5)
+    sharded, reference = torch.load(run / "sharded.pt"), torch.load(run / "reference.pt")
+    assert sharded.keys() == reference.keys()
+    assert max(float((sharded[k] - reference[k]).abs().max()) for k in sharded) < 1e-4
+
+
+def test_no_process_holds_a_whole_base_weight(result):
+    assert result["whole_base_weights"] == []
+    assert result["adapter_parameters"] == 28  # 14 modules x (A, B), replicated
+
+
+def test_resume_after_the_reallocation_gives_the_same_weights(run):
+    resumed, sharded = torch.load(run / "resumed.pt"), torch.load(run / "sharded.pt")
+    assert resumed.keys() == sharded.keys()
+    assert all(torch.equal(resumed[k], sharded[k]) for k in sharded)
+
+
+def test_saved_adapter_loads_with_vanilla_peft(run, tmp_path):
+    base = tmp_path / "base"
+    tiny_llama(seed=0).save_pretrained(base)
+    loaded = load_adapters(base, run / "inputs.pt", tmp_path / "logits", [run / "adapter"])
+    entry = loaded[str(run / "adapter")]
+    assert not loaded["plugin_imported"] and entry["peft_type"] == "LORA"
+    assert sorted(entry["ranks"].values()) != [4] * 14
+    logits = torch.load(entry["logits"])
+    assert torch.allclose(logits, torch.load(run / "logits.pt"), atol=1e-5)
+
+
+def test_shard_base_model_refuses_what_it_cannot_keep():
+    model = adaptive_model()
+    with pytest.raises(ValueError, match="does not take mp_policy"):
+        shard_base_model(model, mp_policy=object())
+    model.base_model.model._no_split_modules = None
+    with pytest.raises(ValueError, match="pass the modules to shard"):
+        shard_base_model(model)
