@@ -308,8 +308,10 @@ def test_sharded_backends_are_refused_with_the_alternative(backend):
     args = types.SimpleNamespace(
         fsdp="full_shard" if backend == "fsdp" else "", deepspeed="ds.json" if backend == "deepspeed" else None
     )
-    with pytest.raises(RuntimeError, match="two-phase run"):
+    with pytest.raises(RuntimeError, match="two-phase run") as refused:
         _refuse_sharded_backends(None, args)
+    assert "peft_adaptive.fsdp.shard_base_model(model)" in str(refused.value)
+    assert "DDP (torchrun/accelerate without FSDP/DeepSpeed) with this callback" in str(refused.value)
 
 
 def test_ddp_processes_stay_identical_after_reallocation(tmp_path):

@@ -51,6 +51,7 @@ def test_allocation_equals_the_single_process_run(result):
 
 def test_processes_stay_identical_and_training_continues(result, run):
     assert result["max_diff_per_step"] == {str(s): 0.0 for s in range(1, 10)}
+    assert result["drift_without_gradient_sync"] > 1e-4  # FSDP itself does not reduce the ignored adapter
     losses = result["sharded"]["losses"]
     after = losses[3:]  # the steps after the reallocation at step 3
     assert all(b < a for a, b in zip(after, after[1:])), losses
@@ -80,6 +81,11 @@ def test_saved_adapter_loads_with_vanilla_peft(run, tmp_path):
     assert sorted(entry["ranks"].values()) != [4] * 14
     logits = torch.load(entry["logits"])
     assert torch.allclose(logits, torch.load(run / "logits.pt"), atol=1e-5)
+
+
+def test_an_adapter_inside_the_shards_is_refused(result):
+    assert "sharded by fully_shard (FSDP2) without the adapter in ignored_params" in result["refused"]
+    assert "peft_adaptive.fsdp.shard_base_model(peft_model)" in result["refused"]
 
 
 def test_shard_base_model_refuses_what_it_cannot_keep():

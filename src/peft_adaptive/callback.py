@@ -294,13 +294,25 @@ def _refuse_sharded_backends(trainer: Trainer | None, args: TrainingArguments) -
     deepspeed = bool(getattr(args, "deepspeed", None)) or bool(
         trainer is not None and getattr(trainer, "is_deepspeed_enabled", False)
     )
-    if fsdp or deepspeed:
-        backend = "FSDP" if fsdp else "DeepSpeed"
-        raise RuntimeError(
-            f"AdaptiveLoraCallback does not support {backend}: it shards parameters and owns the optimizer, so "
-            "adapters cannot be resized in place. Supported alternative: a two-phase run. Phase 1: train the signal "
-            "steps with DDP (torchrun/accelerate without FSDP/DeepSpeed) or one device, with AdaptiveLoraCallback and "
-            "max_steps=signal_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
-            f"load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue under {backend} "
-            "with a fresh Trainer, without the callback."
+    if not (fsdp or deepspeed):
+        return
+    if deepspeed:
+        why = (
+            "DeepSpeed: ZeRO partitions the parameters and owns the optimizer and its flat buffers, so adapters "
+            "cannot be resized in place (this package has no tested DeepSpeed path)"
         )
+    else:
+        why = (
+            "FSDP through Trainer/accelerate: accelerate shards the adapter with the base model, so it cannot be "
+            "resized in place"
+        )
+    raise RuntimeError(
+        f"AdaptiveLoraCallback does not support {why}. Working alternatives: (1) FSDP2 in a hand-written loop: "
+        "peft_adaptive.fsdp.shard_base_model(model) shards the base model per decoder layer and keeps the adapter "
+        "replicated, and model.base_model.update_and_allocate(step, optimizer) reallocates in place (README, "
+        "Distributed training); (2) DDP (torchrun/accelerate without FSDP/DeepSpeed) with this callback; (3) a "
+        "two-phase run. Phase 1: train the signal steps with DDP or one device, with AdaptiveLoraCallback and "
+        "max_steps=signal_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
+        "load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue with a fresh Trainer, "
+        "without the callback."
+    )

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .model import _adapter_parameters
+from .resize import layer_adapter_parameters
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -36,8 +36,35 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for adapter in module.r:
-                params.update((id(p), p) for p in _adapter_parameters(module, adapter))
+                params.update((id(p), p) for p in layer_adapter_parameters(module, adapter))
     return list(params.values())
+
+
+def check_adapter_unsharded(model: nn.Module) -> None:
+    """Raise ``RuntimeError`` if FSDP manages the LoRA adapter in ``model``.
+
+    A resize gives the adapter new parameters; FSDP would keep sharding, gathering and reducing the old ones,
+    and the new ones would silently train on each process's data alone.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        backend = "FullyShardedDataParallel (FSDP1)"
+    elif any(_is_sharded(p) for p in adapter_parameters(model)):
+        backend = "fully_shard (FSDP2) without the adapter in ignored_params"
+    else:
+        return
+    raise RuntimeError(
+        f"the LoRA adapter is sharded by {backend}, so it cannot be resized in place. Shard only the base model "
+        "and keep the adapter replicated: peft_adaptive.fsdp.shard_base_model(peft_model) instead of fully_shard "
+        "(see the README, Distributed training)."
+    )
+
+
+def _is_sharded(param: nn.Parameter) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
 
 
 def shard_base_model(

@@ -11,6 +11,10 @@ one process (before the process group exists), as the reference. Writes, from pr
 * ``reference.pt`` / ``sharded.pt`` / ``resumed.pt``: the adapter weights at the end of the reference run, the
   sharded run, and a sharded run resumed from ``checkpoint`` (saved at step ``CHECKPOINT`` after the reallocation);
 * ``adapter/`` (``save_pretrained`` of the sharded model), ``inputs.pt`` and ``logits.pt`` (its eval logits).
+
+``result.json`` also holds the error ``update_and_allocate`` raises for a model whose adapter plain
+``fully_shard`` sharded, and the cross-process difference of the adapter after two steps without the
+adapter's gradient all-reduce (the negative control).
 """
 
 import json
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 warnings.simplefilter("ignore")
@@ -65,6 +70,28 @@ def train(model, optimizer, steps, rows: slice, on_step=None) -> tuple[dict, lis
 
 def adapter_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def refusal_of_a_sharded_adapter() -> str:
+    """Plain ``fully_shard`` (the adapter inside the shards): update_and_allocate must refuse at its first call."""
+    model = new_model()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.base_model.model)
+    optimizer = new_optimizer(model)
+    try:
+        train(model, optimizer, range(1, 2), slice(0, 1))
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def drift_without_gradient_sync(rows: slice) -> float:
+    """The negative control: without the adapter's all-reduce, FSDP leaves it to each process's own data."""
+    model = shard_base_model(new_model())
+    model.adapter_gradient_sync.remove()
+    train(model, new_optimizer(model), range(1, 3), rows)
+    return max_cross_process_diff(model)
 
 
 def main() -> None:
@@ -113,6 +140,9 @@ def main() -> None:
     optimizer.load_state_dict(torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True))
     train(resumed, optimizer, range(CHECKPOINT + 1, STEPS + 1), rows)
 
+    refused = refusal_of_a_sharded_adapter()
+    drift = drift_without_gradient_sync(rows)
+
     if rank == 0:
         torch.save(sharded, out / "sharded.pt")
         torch.save(adapter_state(resumed), out / "resumed.pt")
@@ -126,6 +156,8 @@ def main() -> None:
             "max_diff_per_step": diffs,
             "whole_base_weights": whole_base_weights,
             "adapter_parameters": len(adapter_parameters(model)),
+            "refused": refused,
+            "drift_without_gradient_sync": drift,
         }
         (out / "result.json").write_text(json.dumps(result))
     dist.destroy_process_group()
