@@ -3,6 +3,8 @@
 ``tests/scripts/fsdp_train.py`` runs under ``torchrun --nproc_per_node 2`` (CPU, gloo) once for the module: the
 hand loop with ``update_and_allocate`` on a model sharded by ``peft_adaptive.fsdp.shard_base_model``, the same
 loop unsharded in one process on the same data, and a resume from a checkpoint taken after the reallocation.
+``tests/scripts/fsdp_trainer.py`` runs ``Trainer`` with the callback on a model that transformers sharded with
+FSDP2 while loading it (``distributed_config``), and the same without the callback's re-synchronisation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .process_group import torchrun
 from .tiny_models import adaptive_model, tiny_llama
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_train.py"
+TRAINER_SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_trainer.py"
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +75,44 @@ def test_resume_after_the_reallocation_gives_the_same_weights(run):
     assert all(torch.equal(resumed[k], sharded[k]) for k in sharded)
 
 
-def test_saved_adapter_loads_with_vanilla_peft(run, tmp_path):
-    base = tmp_path / "base"
-    tiny_llama(seed=0).save_pretrained(base)
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """The tiny Llama every run starts from (``adaptive_model``'s base), saved."""
+    folder = tmp_path_factory.mktemp("base")
+    tiny_llama(seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory, base) -> dict[str, Path]:
+    runs = {}
+    for name, extra in (("fixed", []), ("control", ["--no-resync"])):
+        out = tmp_path_factory.mktemp(f"fsdp-trainer-{name}")
+        proc = torchrun(str(TRAINER_SCRIPT), str(out), str(base), *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = out
+    return runs
+
+
+def test_trainer_on_a_model_sharded_at_load_reallocates_in_place(trainer_runs):
+    result = json.loads((trainer_runs["fixed"] / "result.json").read_text())
+    assert result["world_size"] == 2 and result["wrapped"] == "PeftModelForCausalLM"  # no DDP around it
+    assert result["whole_base_weights"] == []
+    assert result["reallocation_step"] == 3
+    assert result["ranks_per_process"][0] == result["ranks_per_process"][1]
+    assert len(set(result["ranks_per_process"][0].values())) > 1
+    assert result["max_diff_per_step"] == {str(s): 0.0 for s in range(1, 9)}
+    after = [loss for step, loss in sorted(result["losses"].items(), key=lambda kv: int(kv[0])) if int(step) > 3]
+    assert len(after) >= 4 and all(b < a for a, b in zip(after, after[1:])), result["losses"]
+    # without registering the Trainer's gradient averaging on the new factors, the processes drift apart
+    control = json.loads((trainer_runs["control"] / "result.json").read_text())
+    assert all(control["max_diff_per_step"][str(s)] == 0.0 for s in range(1, 4))
+    assert control["max_diff_per_step"]["8"] > 1e-4
+
+
+@pytest.mark.parametrize("which", ["hand loop", "Trainer"])
+def test_saved_adapter_loads_with_vanilla_peft(which, request, base, tmp_path):
+    run = request.getfixturevalue("run") if which == "hand loop" else request.getfixturevalue("trainer_runs")["fixed"]
     loaded = load_adapters(base, run / "inputs.pt", tmp_path / "logits", [run / "adapter"])
     entry = loaded[str(run / "adapter")]
     assert not loaded["plugin_imported"] and entry["peft_type"] == "LORA"

@@ -40,6 +40,41 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(params.values())
 
 
+def sharded_at_load(trainer: Any) -> bool:
+    """Whether ``trainer`` trains a model that transformers sharded with FSDP2 at load time.
+
+    ``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))`` shards the base model while loading
+    it, and a PEFT adapter added afterwards stays outside the shards, replicated: the design of this module. The
+    ``Trainer`` then skips DDP and instead registers a gradient-averaging hook on each replicated trainable
+    parameter when training starts (``_sync_replicated_trainable_parameters``).
+    """
+    return bool(getattr(trainer, "is_distributed_loading_by_transformers", False))
+
+
+def check_trainer_resync(trainer: Any) -> None:
+    """Raise ``RuntimeError`` now if :func:`resync_trainer_replicas` could not keep ``trainer``'s replicas in step."""
+    if sharded_at_load(trainer) and not callable(getattr(trainer, "_sync_replicated_trainable_parameters", None)):
+        raise RuntimeError(
+            "this transformers Trainer trains a model sharded at load time (distributed_config) but has no "
+            "_sync_replicated_trainable_parameters, which adaptive LoRA needs to synchronise the resized adapter: "
+            "use the hand-written loop with peft_adaptive.fsdp.shard_base_model (README, Distributed training)"
+        )
+
+
+def resync_trainer_replicas(trainer: Any) -> bool:
+    """After a reallocation, give the new adapter parameters the gradient averaging the ``Trainer`` gave the old.
+
+    The hooks are per ``Parameter`` object, so the resized factors would otherwise train on each process's data
+    alone and the processes would drift apart. Re-running the ``Trainer``'s own setup registers them (and
+    broadcasts process 0's replicated parameters, which are identical already). Returns True if it ran.
+    """
+    if not sharded_at_load(trainer):
+        return False
+    check_trainer_resync(trainer)
+    trainer._sync_replicated_trainable_parameters(trainer.model_wrapped)
+    return True
+
+
 def check_adapter_unsharded(model: nn.Module) -> None:
     """Raise ``RuntimeError`` if FSDP manages the LoRA adapter in ``model``.
 

@@ -196,7 +196,8 @@ class AdaptiveLoraModel(LoraModel):
             wrapper: the ``DistributedDataParallel`` wrapper around this model (or an accelerate-prepared /
                 ``torch.compile``-d model): re-initialised in place after the reallocation so that the new
                 parameters are synchronised (see :mod:`peft_adaptive.distributed`). Anything that is not DDP
-                is ignored.
+                is ignored: under FSDP2 with :func:`peft_adaptive.fsdp.shard_base_model` the adapter is not
+                sharded and its gradients are averaged by a hook that follows the new parameters by itself.
 
         The collection records what the configured score needs. When that is more than gradient norms (the
         weight delta, ``delta_weight > 0``; the gradient sketch, ``growth="gradient"`` or a sketch score), call
