@@ -65,6 +65,16 @@ def test_processes_stay_identical_and_training_continues(result, run):
     assert max(float((sharded[k] - reference[k]).abs().max()) for k in sharded) < 1e-4
 
 
+def test_gradient_accumulation_gives_the_same_run(result, run):
+    """Every micro-batch's backward averages the accumulated adapter gradients again; averaging is linear."""
+    accumulated, sharded = result["accumulated"]["report"], result["sharded"]["report"]
+    assert accumulated["ranks_after"] == sharded["ranks_after"]
+    for ours, theirs in zip(accumulated["grad_signal"], sharded["grad_signal"]):
+        assert math.isclose(ours, theirs, rel_tol=1e-5)
+    weights, expected = torch.load(run / "accumulated.pt"), torch.load(run / "sharded.pt")
+    assert max(float((weights[k] - expected[k]).abs().max()) for k in expected) < 1e-4
+
+
 def test_no_process_holds_a_whole_base_weight(result):
     assert result["whole_base_weights"] == []
     assert result["adapter_parameters"] == 28  # 14 modules x (A, B), replicated

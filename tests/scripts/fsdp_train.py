@@ -10,6 +10,8 @@ one process (before the process group exists), as the reference. Writes, from pr
   and whether any process held a whole base weight after sharding;
 * ``reference.pt`` / ``sharded.pt`` / ``resumed.pt``: the adapter weights at the end of the reference run, the
   sharded run, and a sharded run resumed from ``checkpoint`` (saved at step ``CHECKPOINT`` after the reallocation);
+* ``accumulated.pt``: the same sharded run with two accumulated micro-batches per step (its report is in
+  ``result.json``);
 * ``adapter/`` (``save_pretrained`` of the sharded model), ``inputs.pt`` and ``logits.pt`` (its eval logits).
 
 ``result.json`` also holds the error ``update_and_allocate`` raises for a model whose adapter plain
@@ -51,18 +53,25 @@ def global_batch() -> torch.Tensor:
     return TokenDataset(GLOBAL_BATCH, seed=4).ids
 
 
-def train(model, optimizer, steps, rows: slice, on_step=None) -> tuple[dict, list[float]]:
-    """The README's hand loop; returns the allocation report (as a dict, or None) and the per-step losses."""
+def train(model, optimizer, steps, rows: slice, on_step=None, micro_batches: int = 1) -> tuple[dict, list[float]]:
+    """The README's hand loop; returns the allocation report (as a dict, or None) and the per-step losses.
+
+    With ``micro_batches > 1`` each process's batch is split into that many micro-batches whose gradients are
+    accumulated (one backward each) before the optimizer step.
+    """
     report, losses = None, []
     batch = global_batch()[rows]
     for step in steps:
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        loss = 0.0
+        for micro in batch.chunk(micro_batches):
+            micro_loss = model(input_ids=micro, labels=micro).loss / micro_batches
+            micro_loss.backward()
+            loss += float(micro_loss)
         optimizer.step()
         allocated = model.base_model.update_and_allocate(step, optimizer)
         optimizer.zero_grad()
         report = allocated.to_dict() if allocated is not None else report
-        losses.append(float(loss))
+        losses.append(loss)
         if on_step is not None:
             on_step(step, losses)
     return report, losses
@@ -141,10 +150,13 @@ def main() -> None:
     train(resumed, optimizer, range(CHECKPOINT + 1, STEPS + 1), rows)
 
     refused = refusal_of_a_sharded_adapter()
+    accumulated = shard_base_model(new_model())
+    accumulated_report, _ = train(accumulated, new_optimizer(accumulated), range(1, STEPS + 1), rows, micro_batches=2)
     drift = drift_without_gradient_sync(rows)
 
     if rank == 0:
         torch.save(sharded, out / "sharded.pt")
+        torch.save(adapter_state(accumulated), out / "accumulated.pt")
         torch.save(adapter_state(resumed), out / "resumed.pt")
         torch.save(inputs, out / "inputs.pt")
         torch.save(logits, out / "logits.pt")
@@ -152,6 +164,7 @@ def main() -> None:
             "world_size": world,
             "reference": {"report": reference_report, "losses": reference_losses},
             "sharded": {"report": report, "losses": global_losses},
+            "accumulated": {"report": accumulated_report},
             "ranks_per_process": ranks,
             "max_diff_per_step": diffs,
             "whole_base_weights": whole_base_weights,
