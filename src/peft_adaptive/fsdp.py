@@ -189,6 +189,7 @@ class AdapterGradientSync:
     def _mark_outputs(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        self._queued = False  # a backward that failed before its callback must not stop the next one's
         for tensor in _tensors(output):
             if tensor.requires_grad:
                 tensor.register_hook(self._queue)
@@ -208,16 +209,21 @@ class AdapterGradientSync:
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
         for group in by_dtype.values():
-            # a parameter without a gradient on this process counts as zero (it may have one elsewhere)
+            # a parameter without a gradient here counts as zero (it may have one elsewhere); the trailing flags
+            # count the processes that have one, so a parameter no process trained keeps no gradient
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            flags = torch.tensor([float(p.grad is not None) for p in group], dtype=grads[0].dtype)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [flags.to(grads[0].device)])
             dist.all_reduce(flat, group=self.process_group)
-            flat.div_(world)
-            for p, reduced in zip(group, flat.split([g.numel() for g in grads])):
+            *reduced, counts = flat.split([g.numel() for g in grads] + [len(group)])
+            for p, total, count in zip(group, reduced, counts.tolist()):
+                if count == 0:
+                    continue
+                total = total.div_(world).view_as(p)
                 if p.grad is None:
-                    p.grad = reduced.view_as(p).clone()
+                    p.grad = total.clone()
                 else:
-                    p.grad.copy_(reduced.view_as(p.grad))
+                    p.grad.copy_(total)
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

@@ -14,9 +14,10 @@ one process (before the process group exists), as the reference. Writes, from pr
   ``result.json``);
 * ``adapter/`` (``save_pretrained`` of the sharded model), ``inputs.pt`` and ``logits.pt`` (its eval logits).
 
-``result.json`` also holds the error ``update_and_allocate`` raises for a model whose adapter plain
-``fully_shard`` sharded, and the cross-process difference of the adapter after two steps without the
-adapter's gradient all-reduce (the negative control).
+``result.json`` also holds the number of adapter gradients an all-reduce made up where no process had one,
+the error ``update_and_allocate`` raises for a model whose adapter plain ``fully_shard`` sharded, and the
+cross-process difference of the adapter after two steps without the adapter's gradient all-reduce (the
+negative control).
 """
 
 import json
@@ -139,6 +140,8 @@ def main() -> None:
     with torch.no_grad():
         logits = model(input_ids=inputs).logits
     ranks = all_ranks(model.base_model)
+    model.adapter_gradient_sync.all_reduce()  # after zero_grad: no process has gradients, none may appear
+    gradients_made_up = sum(p.grad is not None for p in adapter_parameters(model))
     sharded = adapter_state(model)
 
     # resume: a fresh model takes the checkpoint's ranks and weights before sharding, then continues
@@ -170,6 +173,7 @@ def main() -> None:
             "whole_base_weights": whole_base_weights,
             "adapter_parameters": len(adapter_parameters(model)),
             "refused": refused,
+            "gradients_made_up": gradients_made_up,
             "drift_without_gradient_sync": drift,
         }
         (out / "result.json").write_text(json.dumps(result))
