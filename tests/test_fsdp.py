@@ -12,12 +12,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from peft_adaptive.fsdp import shard_base_model
+from peft_adaptive.fsdp import check_trainer_resync, resync_trainer_replicas, shard_base_model
 
 from .fresh_process import load_adapters
 from .process_group import torchrun
@@ -164,3 +165,12 @@ def test_shard_base_model_refuses_what_it_cannot_keep():
     model.base_model.model._no_split_modules = None
     with pytest.raises(ValueError, match="pass the modules to shard"):
         shard_base_model(model)
+
+
+def test_a_trainer_that_cannot_resync_is_refused_at_train_start():
+    """A Trainer on a model sharded at load time without the hook registration the callback re-runs."""
+    old_trainer = types.SimpleNamespace(is_distributed_loading_by_transformers=True)
+    with pytest.raises(RuntimeError, match="_sync_replicated_trainable_parameters"):
+        check_trainer_resync(old_trainer)
+    assert resync_trainer_replicas(types.SimpleNamespace()) is False  # not sharded at load: nothing to do
+    check_trainer_resync(None)
