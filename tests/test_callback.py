@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import types
 import warnings
@@ -22,6 +18,7 @@ from peft_adaptive import AdaptiveLoraCallback, AdaptiveLoraConfig
 from peft_adaptive.callback import CALLBACK_STATE_NAME, _refuse_sharded_backends
 from peft_adaptive.resize import cost_per_rank
 
+from .process_group import torchrun
 from .tiny_models import TokenDataset, adaptive_model, tiny_bert, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,34 +308,10 @@ def test_sharded_backends_are_refused_with_the_alternative(backend):
     args = types.SimpleNamespace(
         fsdp="full_shard" if backend == "fsdp" else "", deepspeed="ds.json" if backend == "deepspeed" else None
     )
-    with pytest.raises(RuntimeError, match="two-phase run"):
+    with pytest.raises(RuntimeError, match="two-phase run") as refused:
         _refuse_sharded_backends(None, args)
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def run_process_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own session and kill the whole group on timeout or failure.
-
-    ``subprocess.run(timeout=...)`` only kills torchrun itself; its worker processes would outlive the test.
-    """
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{stderr[-3000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a failed run
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert "peft_adaptive.fsdp.shard_base_model(model)" in str(refused.value)
+    assert "DDP (torchrun/accelerate without FSDP/DeepSpeed) with this callback" in str(refused.value)
 
 
 def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
@@ -350,9 +323,7 @@ def test_ddp_processes_stay_identical_after_reallocation(tmp_path):
     results = {}
     for name, extra in (("fixed", ["--hooks"]), ("control", ["--no-rewrap"])):
         out = tmp_path / f"{name}.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-        proc = run_process_group([*cmd, str(REPO / "tests/scripts/ddp_train.py"), str(out), *extra], env, timeout=300)
+        proc = torchrun(str(REPO / "tests/scripts/ddp_train.py"), str(out), *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads(out.read_text())
 

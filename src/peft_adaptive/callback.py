@@ -13,7 +13,9 @@ optimizer step. Timeline inside ``Trainer``'s loop (transformers 5.x):
   the step's gradients, complete for the step: accumulated over all micro-batches, all-reduced under DDP,
   unscaled under fp16 and clipped; a step whose gradients are not finite (skipped by the fp16 scaler) adds
   nothing. At step ``signal_steps`` it reallocates the ranks in place, updates the optimizer and
-  re-initialises the DDP wrapper: between two optimizer steps, never inside a gradient-accumulation window.
+  re-initialises the DDP wrapper (or, for a model transformers sharded with FSDP2 at load time, registers the
+  Trainer's gradient averaging on the new factors): between two optimizer steps, never inside a
+  gradient-accumulation window.
 * ``on_step_end``: logs the allocation through ``Trainer.log`` at the step it happened.
 * ``on_save``: stores the callback's state beside each checkpoint, so a resume never reallocates twice
   and a resume during the signal steps keeps the signals gathered so far.
@@ -40,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import atomic_write, is_complete_checkpoint, last_complete_checkpoint
 from .distributed import check_ddp
+from .fsdp import check_trainer_resync, resync_trainer_replicas
 from .model import AdaptiveLoraModel, AllocationReport
 
 logger = logging.getLogger(__name__)
@@ -134,6 +137,7 @@ class AdaptiveLoraCallback(TrainerCallback):
         if report is not None or self.config.reallocation_step is not None:
             self._collecting = False
         if report is not None:
+            resync_trainer_replicas(self._trainer)  # transformers' own FSDP2 (sharded at load): hook the new factors
             self.report = report
             self.reallocation_step = step
             self._unlogged = report
@@ -186,6 +190,7 @@ class AdaptiveLoraCallback(TrainerCallback):
                     )
             return
         check_ddp(self._trainer.model_wrapped)
+        check_trainer_resync(self._trainer)
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> bool:
         """Restore signals/flags from the checkpoint being resumed; True if signals were restored."""
@@ -294,13 +299,25 @@ def _refuse_sharded_backends(trainer: Trainer | None, args: TrainingArguments) -
     deepspeed = bool(getattr(args, "deepspeed", None)) or bool(
         trainer is not None and getattr(trainer, "is_deepspeed_enabled", False)
     )
-    if fsdp or deepspeed:
-        backend = "FSDP" if fsdp else "DeepSpeed"
-        raise RuntimeError(
-            f"AdaptiveLoraCallback does not support {backend}: it shards parameters and owns the optimizer, so "
-            "adapters cannot be resized in place. Supported alternative: a two-phase run. Phase 1: train the signal "
-            "steps with DDP (torchrun/accelerate without FSDP/DeepSpeed) or one device, with AdaptiveLoraCallback and "
-            "max_steps=signal_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
-            f"load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue under {backend} "
-            "with a fresh Trainer, without the callback."
+    if not (fsdp or deepspeed):
+        return
+    if deepspeed:
+        why = (
+            "DeepSpeed: ZeRO partitions the parameters and owns the optimizer and its flat buffers, so adapters "
+            "cannot be resized in place (this package has no tested DeepSpeed path)"
         )
+    else:
+        why = (
+            "FSDP through Trainer/accelerate: accelerate shards the adapter with the base model, so it cannot be "
+            "resized in place"
+        )
+    raise RuntimeError(
+        f"AdaptiveLoraCallback does not support {why}. Working alternatives: (1) FSDP2 in a hand-written loop: "
+        "peft_adaptive.fsdp.shard_base_model(model) shards the base model per decoder layer and keeps the adapter "
+        "replicated, and model.base_model.update_and_allocate(step, optimizer) reallocates in place (README, "
+        "Distributed training); (2) DDP (torchrun/accelerate without FSDP/DeepSpeed) with this callback; (3) a "
+        "two-phase run. Phase 1: train the signal steps with DDP or one device, with AdaptiveLoraCallback and "
+        "max_steps=signal_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
+        "load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue with a fresh Trainer, "
+        "without the callback."
+    )

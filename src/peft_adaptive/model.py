@@ -14,9 +14,17 @@ from peft.tuners.tuners_utils import _get_submodules
 
 from . import distributed as _distributed
 from .config import AdaptiveLoraConfig
+from .fsdp import check_adapter_unsharded
 from .naming import pattern_key
 from .optim import replace_optimizer_params
-from .resize import ResizeKind, cost_per_rank, initialise_lora_layer, lora_factors, resize_lora_layer
+from .resize import (
+    ResizeKind,
+    cost_per_rank,
+    initialise_lora_layer,
+    layer_adapter_parameters,
+    lora_factors,
+    resize_lora_layer,
+)
 from .scores import score_and_allocate, trackers_for
 from .signals import SignalCollector
 from .sketch import gradient_directions
@@ -188,7 +196,8 @@ class AdaptiveLoraModel(LoraModel):
             wrapper: the ``DistributedDataParallel`` wrapper around this model (or an accelerate-prepared /
                 ``torch.compile``-d model): re-initialised in place after the reallocation so that the new
                 parameters are synchronised (see :mod:`peft_adaptive.distributed`). Anything that is not DDP
-                is ignored.
+                is ignored: under FSDP2 with :func:`peft_adaptive.fsdp.shard_base_model` the adapter is not
+                sharded and its gradients are averaged by a hook that follows the new parameters by itself.
 
         The collection records what the configured score needs. When that is more than gradient norms (the
         weight delta, ``delta_weight > 0``; the gradient sketch, ``growth="gradient"`` or a sketch score), call
@@ -214,6 +223,7 @@ class AdaptiveLoraModel(LoraModel):
             if global_step > config.signal_steps:
                 return None
             _distributed.check_ddp(wrapper)
+            check_adapter_unsharded(self.model)
             self._start_late(adapter_name, global_step, seed)
         last = self._signal_steps_seen.get(adapter_name)
         if last is not None and global_step <= last:
@@ -337,6 +347,7 @@ class AdaptiveLoraModel(LoraModel):
         ranks: dict[str, int] | None,
         initialise: bool,
     ) -> AllocationReport:
+        check_adapter_unsharded(self.model)  # before anything is resized
         collector = self._signal_collectors.get(adapter_name)
         if collector is None:
             raise RuntimeError(
@@ -456,7 +467,7 @@ class AdaptiveLoraModel(LoraModel):
         for name in sorted(ranks):
             layer = modules[name]
             if ranks[name] == 0:
-                params = [p for p in _adapter_parameters(layer, adapter_name) if p.requires_grad]
+                params = [p for p in layer_adapter_parameters(layer, adapter_name) if p.requires_grad]
                 self._remove_module(name, layer, adapter_name)
                 replaced.update(dict.fromkeys(params))
                 kinds.update(dict.fromkeys(params, ResizeKind.SHRINK))
@@ -574,17 +585,6 @@ def _saved_ranks(tuner: AdaptiveLoraModel, adapter_name: str, state_dict: dict) 
                 if key in state_dict:
                     ranks[name] = state_dict[key].shape[0]
     return ranks
-
-
-def _adapter_parameters(layer: LoraLayer, adapter_name: str) -> list[torch.nn.Parameter]:
-    """Every parameter this adapter owns in the layer (factors, LoRA bias, DoRA magnitude...)."""
-    params = []
-    for attr in layer.adapter_layer_names:
-        container = getattr(layer, attr)
-        if adapter_name in container:
-            item = container[adapter_name]
-            params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
-    return params
 
 
 def _untrained(layer: LoraLayer, adapter_name: str) -> bool:

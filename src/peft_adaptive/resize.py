@@ -134,6 +134,17 @@ def lora_parameters(layer: LoraLayer, adapter: str) -> tuple[nn.Parameter, nn.Pa
     return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
 
 
+def layer_adapter_parameters(layer: LoraLayer, adapter_name: str) -> list[torch.nn.Parameter]:
+    """Every parameter this adapter owns in the layer (factors, LoRA bias, DoRA magnitude...)."""
+    params = []
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr)
+        if adapter_name in container:
+            item = container[adapter_name]
+            params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+    return params
+
+
 def cost_per_rank(layer: LoraLayer, adapter: str) -> int:
     """Trainable parameters that one rank costs in this layer (``fan_in + fan_out``)."""
     A, B = lora_factors(layer, adapter)
