@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +79,23 @@ class Suite:
     settings: dict = field(default_factory=dict)
 
 
+# SmolLM2 causal LM: 200 steps of 8 blocks of 64 tokens, held-out loss
+_CLM = Suite(
+    "clm",
+    r=2,
+    min_r=1,
+    lora_alpha=4,
+    lr=2e-3,
+    steps=200,
+    warmup=20,
+    batch_size=8,
+    higher_is_better=False,
+    metric="eval_loss",
+)
+
 SUITES: dict[str, Suite] = {
     "planted": Suite("planted", r=4, lora_alpha=8, lr=2e-3, steps=300, warmup=30, batch_size=32),
-    "clm": Suite(
-        "clm",
-        r=2,
-        min_r=1,
-        lora_alpha=4,
-        lr=2e-3,
-        steps=200,
-        warmup=20,
-        batch_size=8,
-        higher_is_better=False,
-        metric="eval_loss",
-    ),
+    "clm": _CLM,
     "glue-sst2": Suite(
         "glue-sst2", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
     ),
@@ -101,17 +104,7 @@ SUITES: dict[str, Suite] = {
     ),
     # The first runs, kept as measured: r=1 with min_r=0, where an allocation can only move rank by removing
     # modules (it removed half of them on the causal LM and lost to uniform LoRA); see RESULTS.md.
-    "clm-r1": Suite(
-        "clm-r1",
-        r=1,
-        lora_alpha=4,
-        lr=2e-3,
-        steps=200,
-        warmup=20,
-        batch_size=8,
-        higher_is_better=False,
-        metric="eval_loss",
-    ),
+    "clm-r1": replace(_CLM, name="clm-r1", r=1, min_r=0),
     "glue-sst2-r1": Suite(
         "glue-sst2-r1", r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
     ),
@@ -610,13 +603,7 @@ def apply_overrides(overrides: list[str]) -> None:
         key, _, value = item.partition("=")
         for name, suite in SUITES.items():
             current = getattr(suite, key)
-            SUITES[name] = _replace(suite, **{key: type(current)(value)})
-
-
-def _replace(suite: Suite, **changes) -> Suite:
-    from dataclasses import replace
-
-    return replace(suite, **changes)
+            SUITES[name] = replace(suite, **{key: type(current)(value)})
 
 
 def run_jobs(args: argparse.Namespace) -> None:

@@ -92,13 +92,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
         raise AdapterError(f"{directory} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{config_file} is not a readable JSON file: {exc}") from exc
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_file} does not hold a JSON object")
+    config = _read_json_object(config_file)
     peft_type = config.get("peft_type")
     if peft_type not in LORA_PEFT_TYPES:
         raise AdapterError(
