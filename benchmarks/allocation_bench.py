@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -395,11 +396,12 @@ def make_task(suite: Suite) -> Task:
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # lora | warm | grow | calib | oracle | default
+    kind: str  # lora | warm | grow | calib | fixed | oracle | default
     allocation: str = "uniform"  # a score, "uniform", "random" or "ramp"
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
+    signal_steps: int | None = None  # warm/grow: overrides the suite's warmup (``...+s<N>``)
 
 
 def parse_method(name: str) -> Method:
@@ -411,17 +413,27 @@ def parse_method(name: str) -> Method:
         return Method(name, "oracle")
     if name == "adaptive":
         return Method(name, "default")
-    kind, _, rest = name.partition("-")
+    spec, _, steps = name.partition("+s")  # e.g. warm-sensitivity-random+s5: reallocate after 5 signal steps
+    if steps and not steps.isdigit():
+        raise SystemExit(f"unknown method {name!r}: the suffix is +s<signal steps>, e.g. +s5")
+    method = _parse_adaptive(name, spec)
+    return replace(method, signal_steps=int(steps)) if steps else method
+
+
+def _parse_adaptive(name: str, spec: str) -> Method:
+    kind, _, rest = spec.partition("-")
     allocation, _, growth = rest.rpartition("-")
     allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
     allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
-    if kind not in ("warm", "grow", "calib") or allocation not in allowed or growth not in ("gradient", "random"):
+    kinds = ("warm", "grow", "calib", "fixed")
+    if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
-            f"unknown method {name!r}: lora, lora-<k>x, adaptive, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth> "
-            f"or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in ('gradient', 'random')"
+            f"unknown method {name!r}: lora, lora-<k>x, adaptive, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth>, "
+            f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
+            "('gradient', 'random'), optionally +s<signal steps> (warm, grow)"
         )
-    if kind in ("warm", "grow") and allocation == "uniform":
-        raise SystemExit("warm-uniform-* would be plain LoRA: use lora")
+    if kind in ("warm", "grow", "fixed") and allocation == "uniform":
+        raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
     return Method(name, kind, allocation, growth, exponent=float(exponent) if exponent else 1.0)
 
 
@@ -450,7 +462,15 @@ def baseline_ranks(kind: str, tuner, seed: int, suite: Suite) -> dict[str, int]:
     return dict(zip(names, allocation.ranks))
 
 
-def build(method: Method, task: Task, model):
+def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
+    """The final ranks of the in-place run a ``fixed-*`` method copies (that run must exist for this seed)."""
+    source = result_path(suite, "warm-" + method.name.split("-", 1)[1], seed)
+    if not source.is_file():
+        raise SystemExit(f"{method.name} copies the ranks of {source}, which does not exist: run that method first")
+    return json.loads(source.read_text())["ranks"]
+
+
+def build(method: Method, task: Task, model, seed: int = 0):
     """Wrap ``model`` with the method's adapter; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
@@ -463,6 +483,19 @@ def build(method: Method, task: Task, model):
         return get_peft_model(
             model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)
         )
+    if method.kind == "fixed":
+        # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
+        # with, to separate the allocation's quality from the cost of changing ranks mid-training
+        ranks = {n: r for n, r in fixed_ranks(task.suite.name, method, seed).items() if r > 0}
+        config = LoraConfig(
+            r=suite.r,
+            lora_alpha=suite.lora_alpha,
+            target_modules=sorted(ranks),
+            rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items()},
+            lora_dropout=0.0,
+            use_rslora=suite.use_rslora,
+        )
+        return get_peft_model(model, config)
     if method.kind == "oracle":
         planted = task.planted
         config = LoraConfig(
@@ -478,7 +511,7 @@ def build(method: Method, task: Task, model):
     # nothing learned is cut; the budget is still uniform LoRA's at r (set on the config below, after injection)
     warm_r = max(1, suite.r // 2) if method.kind == "grow" else suite.r
     adaptive_kwargs: dict[str, Any] = dict(
-        r=warm_r, lora_alpha=suite.lora_alpha, signal_steps=suite.warmup, **common_kwargs
+        r=warm_r, lora_alpha=suite.lora_alpha, signal_steps=signal_steps(method, suite), **common_kwargs
     )
     if method.kind != "default":
         score = method.allocation if method.allocation in SCORE_NAMES else "norms"
@@ -500,6 +533,10 @@ def build(method: Method, task: Task, model):
     return peft_model
 
 
+def signal_steps(method: Method, suite: Suite) -> int:
+    return suite.warmup if method.signal_steps is None else method.signal_steps
+
+
 # --- one run ----------------------------------------------------------------------------------------------
 
 
@@ -516,7 +553,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
     base = task.base_model()
     base_metrics = task.evaluate(base) if hasattr(task, "evaluate") else {}
     set_seed(seed)
-    model = build(method, task, base)
+    model = build(method, task, base, seed)
     tuner = model.base_model
     started = time.perf_counter()
     report = None
@@ -551,7 +588,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
                 f"step {step}/{suite.steps}: train loss {recent:.5f} ({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
-        if collecting and step == suite.warmup:
+        if collecting and step == signal_steps(method, suite):
             collecting = False
             ranks = (
                 baseline_ranks(method.allocation, tuner, seed, suite)
