@@ -23,6 +23,9 @@ rank r for ``warmup`` steps while collecting signals, then reallocate in place w
 benchmark-only baseline: ``random`` (random scores) or ``ramp`` (rank growing linearly with depth), both at
 the same budget through ``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
 ``random``. ``adaptive`` is the package default (``AdaptiveLoraConfig()`` with only the budget-related fields set).
+``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``. ``fixed-<alloc>-<growth>``
+is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
+ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 
 Runs are resumable: each (suite, method, seed) writes ``benchmarks/results/allocation/<suite>/<method>/seed<k>.json``
 and is skipped when that file exists. ``report`` re-renders every table from those files::
@@ -734,6 +737,12 @@ def paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, 
     return statistics.fmean(diffs), std, half, len(seeds), sum(d > 0 for d in diffs)
 
 
+def per_seed_differences(a: dict[int, dict], b: dict[int, dict], metric: str) -> str:
+    """``s0 +0.0091, s1 +0.0123``: the paired difference a - b on each common seed."""
+    seeds = sorted(set(a) & set(b))
+    return ", ".join(f"s{s} {a[s]['metrics'][metric] - b[s]['metrics'][metric]:+.4f}" for s in seeds) or "–"
+
+
 def verdict(diff: tuple[float, float, float, int, int] | None, higher_is_better: bool) -> str:
     """``+d ± half (n, k/n up)``: the mean paired difference with its 95% interval; **better**/**worse** when the
     interval excludes 0, "inside" otherwise (the interval is wider than the paired spread: ``std * t / sqrt(n)``)."""
@@ -765,15 +774,22 @@ def suite_report(suite_name: str) -> str:
     )
     lines.append("")
     base = results.get("lora", {})
-    if "lora-4x" in results:
-        lines.append(
-            f"**Calibration** (does rank bind?): lora-4x - lora = {verdict(paired(results['lora-4x'], base, metric), suite.higher_is_better)}"
-        )
-        lines.append("")
-    lines.append(
-        f"| method | seeds | {metric} mean ± std | vs lora (paired) | adapter params | train s | ranks (min..max, #0) |"
+    # GLUE suites also record the dev loss: continuous, so it separates methods that accuracy cannot
+    loss = metric != "eval_loss" and all(
+        "eval_loss" in r["metrics"] for runs in results.values() for r in runs.values()
     )
-    lines.append("|---|---|---|---|---|---|---|")
+    if "lora-4x" in results:
+        calibration = verdict(paired(results["lora-4x"], base, metric), suite.higher_is_better)
+        if loss:
+            calibration += f"; `eval_loss`: {verdict(paired(results['lora-4x'], base, 'eval_loss'), False)}"
+        lines.append(f"**Calibration** (does rank bind?): lora-4x - lora = {calibration}")
+        lines.append("")
+    loss_header = " vs lora, `eval_loss` (paired) |" if loss else ""
+    lines.append(
+        f"| method | seeds | {metric} mean ± std | vs lora (paired) | per seed (method - lora) |{loss_header} "
+        "adapter params | train s | ranks (min..max, #0) |"
+    )
+    lines.append("|---|---|---|---|---|" + ("---|" if loss else "") + "---|---|---|")
     for name in sorted(results, key=_method_order):
         runs = results[name]
         values = [r["metrics"][metric] for r in runs.values()]
@@ -784,9 +800,13 @@ def suite_report(suite_name: str) -> str:
         params = statistics.fmean(r["adapter_params"] for r in runs.values())
         seconds = statistics.fmean(r["train_seconds"] for r in runs.values())
         versus = "–" if name == "lora" else verdict(paired(runs, base, metric), suite.higher_is_better)
+        per_seed = "–" if name == "lora" else per_seed_differences(runs, base, metric)
+        loss_cell = ""
+        if loss:
+            loss_cell = " – |" if name == "lora" else f" {verdict(paired(runs, base, 'eval_loss'), False)} |"
         lines.append(
-            f"| {name} | {len(values)} | {statistics.fmean(values):.4f} ± {std:.4f} | {versus} | {params:,.0f} | {seconds:.0f} | "
-            f"{0 if zeros else min(ranks)}..{max(ranks)}, {zeros} |"
+            f"| {name} | {len(values)} | {statistics.fmean(values):.4f} ± {std:.4f} | {versus} | {per_seed} |{loss_cell} "
+            f"{params:,.0f} | {seconds:.0f} | {0 if zeros else min(ranks)}..{max(ranks)}, {zeros} |"
         )
     lines.append("")
     return "\n".join(lines)
