@@ -473,6 +473,22 @@ def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
     return json.loads(source.read_text())["ranks"]
 
 
+def lora_at_ranks(model, suite: Suite, ranks: dict[str, int]):
+    """PEFT's LoraConfig adapting exactly the named modules at the given ranks (rank 0: not adapted)."""
+    from peft import LoraConfig, get_peft_model
+
+    ranks = {name: r for name, r in ranks.items() if r > 0}
+    config = LoraConfig(
+        r=1,
+        lora_alpha=suite.lora_alpha,
+        target_modules=sorted(ranks),
+        rank_pattern={f"^{re.escape(name)}$": r for name, r in ranks.items()},
+        lora_dropout=0.0,
+        use_rslora=suite.use_rslora,
+    )
+    return get_peft_model(model, config)
+
+
 def build(method: Method, task: Task, model, seed: int = 0):
     """Wrap ``model`` with the method's adapter; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
@@ -489,27 +505,9 @@ def build(method: Method, task: Task, model, seed: int = 0):
     if method.kind == "fixed":
         # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
         # with, to separate the allocation's quality from the cost of changing ranks mid-training
-        ranks = {n: r for n, r in fixed_ranks(task.suite.name, method, seed).items() if r > 0}
-        config = LoraConfig(
-            r=suite.r,
-            lora_alpha=suite.lora_alpha,
-            target_modules=sorted(ranks),
-            rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items()},
-            lora_dropout=0.0,
-            use_rslora=suite.use_rslora,
-        )
-        return get_peft_model(model, config)
+        return lora_at_ranks(model, suite, fixed_ranks(suite.name, method, seed))
     if method.kind == "oracle":
-        planted = task.planted
-        config = LoraConfig(
-            r=1,
-            lora_alpha=suite.lora_alpha,
-            target_modules=sorted(planted),
-            rank_pattern={f"^{n}$": r for n, r in planted.items()},
-            lora_dropout=0.0,
-            use_rslora=suite.use_rslora,
-        )
-        return get_peft_model(model, config)
+        return lora_at_ranks(model, suite, task.planted)
     # grow-only: the warmup runs at half the rank and the reallocation only adds ranks (min_r = the warmup rank), so
     # nothing learned is cut; the budget is still uniform LoRA's at r (set on the config below, after injection)
     warm_r = max(1, suite.r // 2) if method.kind == "grow" else suite.r
