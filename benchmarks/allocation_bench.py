@@ -726,19 +726,22 @@ def load_results(suite: str) -> dict[str, dict[int, dict]]:
 
 def paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, float, float, int, int] | None:
     """Paired differences a - b over common seeds: mean, std, half-width of the 95% t interval, n, seeds a - b > 0."""
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
+    diffs = list(paired_differences(a, b, metric).values())
+    if len(diffs) < 2:
         return None
-    diffs = [a[s]["metrics"][metric] - b[s]["metrics"][metric] for s in seeds]
     std = statistics.stdev(diffs)
-    half = T_975.get(len(seeds) - 1, 2.0) * std / math.sqrt(len(seeds))
-    return statistics.fmean(diffs), std, half, len(seeds), sum(d > 0 for d in diffs)
+    half = T_975.get(len(diffs) - 1, 2.0) * std / math.sqrt(len(diffs))
+    return statistics.fmean(diffs), std, half, len(diffs), sum(d > 0 for d in diffs)
+
+
+def paired_differences(a: dict[int, dict], b: dict[int, dict], metric: str) -> dict[int, float]:
+    """``{seed: a - b}`` on each seed both have, in seed order."""
+    return {s: a[s]["metrics"][metric] - b[s]["metrics"][metric] for s in sorted(set(a) & set(b))}
 
 
 def per_seed_differences(a: dict[int, dict], b: dict[int, dict], metric: str) -> str:
     """``s0 +0.0091, s1 +0.0123``: the paired difference a - b on each common seed."""
-    seeds = sorted(set(a) & set(b))
-    return ", ".join(f"s{s} {a[s]['metrics'][metric] - b[s]['metrics'][metric]:+.4f}" for s in seeds) or "–"
+    return ", ".join(f"s{s} {d:+.4f}" for s, d in paired_differences(a, b, metric).items()) or "–"
 
 
 def verdict(diff: tuple[float, float, float, int, int] | None, higher_is_better: bool) -> str:
