@@ -408,6 +408,8 @@ def test_error_adapter_without_weights_or_other_type(trained, capsys, tmp_path):
     assert_user_error(capsys, ["inspect", folder], "'IA3'", "only LoRA adapters")
     (folder / "adapter_config.json").write_text("{not json")
     assert_user_error(capsys, ["inspect", folder], "adapter_config.json", "not a readable JSON file")
+    (folder / "adapter_config.json").write_text("[]")
+    assert_user_error(capsys, ["inspect", folder], "adapter_config.json", "does not hold a JSON object")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
