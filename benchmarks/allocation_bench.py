@@ -106,6 +106,8 @@ SUITES: dict[str, Suite] = {
     "glue-stsb": Suite(
         "glue-stsb", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="pearson"
     ),
+    # MiniLM distilling all-mpnet-base-v2's sentence embeddings through a fixed read-out (DistillTask)
+    "distill": Suite("distill", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=300, warmup=30, batch_size=32),
     # The first runs, kept as measured: r=1 with min_r=0, where an allocation can only move rank by removing
     # modules (it removed half of them on the causal LM and lost to uniform LoRA); see RESULTS.md.
     "clm-r1": replace(_CLM, name="clm-r1", r=1, min_r=0),
@@ -383,9 +385,134 @@ class GlueTask(Task):
         return metrics
 
 
+class DistillTask(Task):
+    """MiniLM-L6 learns to produce all-mpnet-base-v2's sentence embeddings (a different, 5x larger model).
+
+    The target needs information the student does not have, so capacity can bind. A fixed linear read-out
+    ``W s + b`` (384 -> 768, least squares from the *base* student's embeddings on the training sentences) maps
+    the student's normalised mean-pooled embedding ``s`` into the teacher's space; it is the same for every
+    method and seed and is not trained, so the base model with it is the best linear read-out and the adapters
+    learn what it cannot. Teacher embeddings and the read-out are computed once and cached.
+    """
+
+    def __init__(self, suite: Suite):
+        super().__init__(suite)
+        from transformers import AutoTokenizer
+
+        self.path = models.resolve_model("minilm")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        train_sentences = sst2_sentences("train")[: suite.settings.get("train_sentences", 8000)]
+        dev_sentences = sst2_sentences("dev")
+        self.train = [self._encode(s) for s in train_sentences]
+        self.dev = [self._encode(s) for s in dev_sentences]
+        cache = self._targets(train_sentences, dev_sentences)
+        for item, target in zip(self.train, cache["train"]):
+            item["target"] = target
+        for item, target in zip(self.dev, cache["dev"]):
+            item["target"] = target
+        self.readout_weight, self.readout_bias = cache["weight"], cache["bias"]
+
+    def _encode(self, text: str) -> dict:
+        return dict(self.tokenizer(text, truncation=True, max_length=64))
+
+    def _targets(self, train_sentences: list[str], dev_sentences: list[str]) -> dict:
+        import torch
+
+        default = common.RESULTS_DIR / "models" / "distill-mpnet-sst2.pt"
+        path = Path(os.environ.get("PEFT_ADAPTIVE_DISTILL_CACHE", default))
+        if path.is_file():
+            cache = torch.load(path)
+            if cache["sizes"] == [len(train_sentences), len(dev_sentences)]:
+                return cache
+        from transformers import AutoModel, AutoTokenizer
+
+        teacher_path = models.resolve_model("mpnet")
+        teacher = AutoModel.from_pretrained(teacher_path).eval()
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+        student = AutoModel.from_pretrained(self.path).eval()
+
+        def embed(model, tokenizer, sentences):
+            out = []
+            with torch.no_grad():
+                for start in range(0, len(sentences), 64):
+                    batch = tokenizer(sentences[start : start + 64], padding=True, truncation=True, max_length=128)
+                    out.append(self.pooled(model, {k: torch.tensor(v) for k, v in batch.items()}))
+            return torch.cat(out)
+
+        teacher_train = embed(teacher, teacher_tokenizer, train_sentences)
+        teacher_dev = embed(teacher, teacher_tokenizer, dev_sentences)
+        student_train = embed(student, self.tokenizer, train_sentences)
+        # least-squares read-out with a bias column, in float64
+        design = torch.cat([student_train.double(), torch.ones(len(student_train), 1, dtype=torch.float64)], dim=1)
+        solution = torch.linalg.lstsq(design, teacher_train.double()).solution  # [385, 768]
+        cache = {
+            "sizes": [len(train_sentences), len(dev_sentences)],
+            "train": teacher_train,
+            "dev": teacher_dev,
+            "weight": solution[:-1].T.float().contiguous(),
+            "bias": solution[-1].float(),
+            "teacher": str(teacher_path),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(cache, tmp)
+        tmp.replace(path)
+        return cache
+
+    @staticmethod
+    def pooled(model, batch: dict) -> Any:
+        """sentence-transformers' embedding: mean over the real tokens, L2-normalised."""
+        import torch
+
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return torch.nn.functional.normalize(mean, dim=-1)
+
+    def collate(self, items: list[dict]) -> dict:
+        import torch
+
+        batch = dict(
+            self.tokenizer.pad([{k: v for k, v in i.items() if k != "target"} for i in items], return_tensors="pt")
+        )
+        batch["target"] = torch.stack([i["target"] for i in items])
+        return batch
+
+    def base_model(self):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.path)
+
+    def targets(self) -> list[str]:
+        return MINILM_TARGETS
+
+    def loss(self, model, batch) -> Any:
+        prediction = self.pooled(model, batch) @ self.readout_weight.T + self.readout_bias
+        return (prediction - batch["target"]).pow(2).sum(-1).mean()
+
+    def evaluate(self, model) -> dict:
+        import torch
+
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(self.dev), 128):
+                batch = self.collate(self.dev[start : start + 128])
+                total += float(self.loss(model, batch)) * len(batch["target"])
+        model.train()
+        return {"eval_mse": total / len(self.dev)}
+
+    def finish(self, metrics: dict, base_metrics: dict) -> dict:
+        metrics["base_mse"] = base_metrics["eval_mse"]
+        metrics["gap_closed"] = 1.0 - metrics["eval_mse"] / base_metrics["eval_mse"]
+        return metrics
+
+
 def make_task(suite: Suite) -> Task:
     if suite.name == "planted":
         return PlantedTask(suite)
+    if suite.name.startswith("distill"):
+        return DistillTask(suite)
     if suite.name.startswith("clm"):
         return CausalLMTask(suite)
     if suite.name.startswith("glue-"):
