@@ -97,6 +97,9 @@ _CLM = Suite(
     metric="eval_loss",
 )
 
+# MiniLM distilling all-mpnet-base-v2's sentence embeddings through a fixed read-out (DistillTask)
+_DISTILL = Suite("distill", r=2, min_r=1, lora_alpha=4, lr=1e-2, steps=300, warmup=30, batch_size=32)
+
 SUITES: dict[str, Suite] = {
     "planted": Suite("planted", r=4, lora_alpha=8, lr=2e-3, steps=300, warmup=30, batch_size=32),
     "clm": _CLM,
@@ -106,8 +109,9 @@ SUITES: dict[str, Suite] = {
     "glue-stsb": Suite(
         "glue-stsb", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="pearson"
     ),
-    # MiniLM distilling all-mpnet-base-v2's sentence embeddings through a fixed read-out (DistillTask)
-    "distill": Suite("distill", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=300, warmup=30, batch_size=32),
+    "distill": _DISTILL,
+    # the first calibration, kept as measured: at lr 2e-3 the student learns slowly and rank barely binds
+    "distill-lr2e-3": replace(_DISTILL, name="distill-lr2e-3", lr=2e-3),
     # The first runs, kept as measured: r=1 with min_r=0, where an allocation can only move rank by removing
     # modules (it removed half of them on the causal LM and lost to uniform LoRA); see RESULTS.md.
     "clm-r1": replace(_CLM, name="clm-r1", r=1, min_r=0),
@@ -248,9 +252,14 @@ class PlantedTask(Task):
         return {"eval_mse": loss}
 
     def finish(self, metrics: dict, base_metrics: dict) -> dict:
-        metrics["base_mse"] = base_metrics["eval_mse"]
-        metrics["gap_closed"] = 1.0 - metrics["eval_mse"] / base_metrics["eval_mse"]
-        return metrics
+        return with_gap_closed(metrics, base_metrics)
+
+
+def with_gap_closed(metrics: dict, base_metrics: dict) -> dict:
+    """Distillation suites: the base model's held-out MSE and the share of it the adapters removed."""
+    metrics["base_mse"] = base_metrics["eval_mse"]
+    metrics["gap_closed"] = 1.0 - metrics["eval_mse"] / base_metrics["eval_mse"]
+    return metrics
 
 
 class CausalLMTask(Task):
@@ -503,9 +512,7 @@ class DistillTask(Task):
         return {"eval_mse": total / len(self.dev)}
 
     def finish(self, metrics: dict, base_metrics: dict) -> dict:
-        metrics["base_mse"] = base_metrics["eval_mse"]
-        metrics["gap_closed"] = 1.0 - metrics["eval_mse"] / base_metrics["eval_mse"]
-        return metrics
+        return with_gap_closed(metrics, base_metrics)
 
 
 def make_task(suite: Suite) -> Task:
