@@ -162,8 +162,22 @@ def test_ranks_changed_and_differ(run):
         assert layer.lora_B["default"].weight.shape[1] == ranks[n]
 
 
-def test_higher_score_never_gets_fewer_ranks_at_equal_cost(run):
-    report, tuner = run["report"], run["tuner"]
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_higher_score_never_gets_fewer_ranks_at_equal_cost(name):
+    """Proportional scores (here sensitivity): ranks follow the score among modules of the same cost. (The spectrum
+    scores, the default among them, allocate per singular direction, so a module's total is not what orders them.)"""
+    torch.manual_seed(0)
+    model = adaptive_model(name, signal_steps=WARMUP, max_r=12, score="sensitivity")
+    tuner, batch = model.base_model, make_batch(name)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner.start_signal_collection()
+    for _ in range(WARMUP):
+        model(**batch).loss.backward()
+        tuner.record_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    report = tuner.reallocate(optimizer, step=WARMUP)
+    assert len(set(report.ranks_after)) > 1  # the property below is not vacuous
     costs = [cost_per_rank(tuner.adapted_modules()[n], "default") for n in report.names]
     for i in range(len(costs)):
         for j in range(len(costs)):
@@ -316,7 +330,7 @@ def test_registration_survives_reload():
         (dict(delta_weight=float("nan")), "delta_weight"),
         (dict(delta_weight=-0.5), "delta_weight"),
         (dict(score="norms", grad_weight=0.0, delta_weight=0.0), "grad_weight and delta_weight"),
-        (dict(delta_weight=0.5), "delta_weight=0.5 with score='sensitivity'.*only apply to score='norms'"),
+        (dict(delta_weight=0.5), "delta_weight=0.5 with score='gradient_spectrum'.*only apply to score='norms'"),
         (dict(score="spectral", grad_weight=2.0), "grad_weight=2.0.*only apply to score='norms'"),
         (dict(signal_steps=0), "signal_steps"),
         (dict(param_budget=0), "param_budget"),

@@ -80,7 +80,8 @@ def assert_same_model(a, b) -> None:
 )
 def test_one_call_gives_exactly_the_low_level_sequence(config):
     data = batches()
-    needs_early_start = bool(config.get("delta_weight")) or config.get("growth") == "gradient"
+    # the weight delta and the gradient sketch (gradient growth, the default score) must see the first step
+    needs_early_start = bool(config.get("delta_weight")) or config.get("growth") == "gradient" or not config
     one = adaptive_model(max_r=12, signal_steps=SIGNAL_STEPS, lora_dropout=0.0, **config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # started before the loop when needed: no late-start warning
@@ -131,6 +132,7 @@ def test_one_call_gives_exactly_the_trainer_with_the_callback(tmp_path):
     optimizer = optimizer_cls(params, weight_decay=args.weight_decay, **optimizer_kwargs)  # Trainer's optimizer
     schedule = get_linear_schedule_with_warmup(optimizer, 0, STEPS)
     loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=default_data_collator)
+    model.base_model.start_signal_collection(seed=args.seed)  # the default score's sketch sees step 1, as in Trainer
     for step, batch in enumerate(loader, start=1):
         model(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

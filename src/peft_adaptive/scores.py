@@ -13,7 +13,7 @@
 * ``"spectral"``: the singular values ``sigma_ij`` of each module's learned update ``s B A`` after the warmup;
   ranks from one global threshold on ``sigma_ij^(2 * score_exponent)`` per parameter
   (:func:`~peft_adaptive.allocation.allocate_by_spectrum`).
-* ``"gradient_spectrum"``: the singular values of each module's mean full-weight gradient, from the
+* ``"gradient_spectrum"`` (the default): the singular values of each module's mean full-weight gradient, from the
   row-space sketch (:mod:`peft_adaptive.sketch`; from the ``dL/dB`` sketch for layers that cannot be
   sketched); ranks from one global threshold on ``sigma_ij^2`` per parameter. To first order, a rank
   spent on direction ``j`` of module ``i`` buys a loss decrease proportional to ``sigma_ij^2``, so this
