@@ -1,6 +1,6 @@
 """Does adaptive rank allocation beat uniform LoRA at the same parameter budget? Benchmarks that can tell.
 
-Three suites, each a real pretrained model on real text, every method at the same budget (rank-dependent adapter
+Four suites, each a real pretrained model on real text, every method at the same budget (rank-dependent adapter
 parameters, ``sum r_i (fan_in_i + fan_out_i)``), the same optimizer, schedule and data order per seed:
 
 * ``planted``: ground truth. The teacher is all-MiniLM-L6-v2 with low-rank changes of known, very different
@@ -9,6 +9,9 @@ parameters, ``sum r_i (fan_in_i + fan_out_i)``), the same optimizer, schedule an
   oracle allocation (ranks exactly where the changes are) is the ceiling.
 * ``clm``: SmolLM2-135M (from its PyPI wheel, dequantized once into a cache folder) fine-tuned as a causal LM
   on SST-2 review text, all linear modules. Metric: held-out loss (continuous, far less noisy than accuracy).
+* ``distill``: all-MiniLM-L6-v2 learns to produce all-mpnet-base-v2's sentence embeddings (a different, larger
+  model; a target with information the student lacks) through a fixed least-squares read-out, on SST-2
+  sentences. Metric: the share of the base student's held-out error removed.
 * ``glue-<task>``: all-MiniLM-L6-v2 classification at a very low budget (r = 1 or 2, all linear modules).
   Metric: the task's GLUE metric on the full dev set, and the dev loss.
 
