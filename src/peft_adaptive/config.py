@@ -81,8 +81,8 @@ class AdaptiveLoraConfig(LoraConfig):
         },
     )
     score: str = field(
-        # chosen by benchmarks/allocation_bench.py (RESULTS.md): ahead of 'sensitivity' on both real tasks (SST-2,
-        # SmolLM2 causal LM), better than uniform LoRA on the planted-rank benchmark (where 'sensitivity' is higher)
+        # chosen by benchmarks/allocation_bench.py (RESULTS.md): ahead of 'sensitivity' on SST-2 and the SmolLM2 causal
+        # LM (tied on the distillation), better than uniform LoRA on the planted benchmark (where 'sensitivity' is higher)
         default="gradient_spectrum",
         metadata={
             "help": "How modules are scored and ranks allocated: 'gradient_spectrum' (default), 'sensitivity', "
