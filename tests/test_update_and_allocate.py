@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, get_linear_schedule_with_warmup
 
 from peft_adaptive import AdaptiveLoraCallback, calibrate_adaptive_lora
+from peft_adaptive.scores import trackers_for
 
 from .tiny_models import TokenDataset, adaptive_model
 
@@ -80,9 +81,10 @@ def assert_same_model(a, b) -> None:
 )
 def test_one_call_gives_exactly_the_low_level_sequence(config):
     data = batches()
-    # the weight delta and the gradient sketch (gradient growth, the default score) must see the first step
-    needs_early_start = bool(config.get("delta_weight")) or config.get("growth") == "gradient" or not config
     one = adaptive_model(max_r=12, signal_steps=SIGNAL_STEPS, lora_dropout=0.0, **config)
+    # the weight delta and the gradient sketch (gradient growth, the sketch scores) must see the first step
+    built = one.peft_config["default"]
+    needs_early_start = built.delta_weight > 0 or trackers_for(built.score, built.growth).sketch
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # started before the loop when needed: no late-start warning
         _, reports = one_call_loop(one, data, start_first=needs_early_start)
