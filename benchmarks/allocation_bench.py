@@ -538,7 +538,7 @@ def make_task(suite: Suite) -> Task:
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # lora | warm | grow | calib | fixed | oracle | default
+    kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default
     allocation: str = "uniform"  # a score, "uniform", "random" or "ramp"
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
@@ -570,14 +570,14 @@ def _parse_adaptive(name: str, spec: str) -> Method:
     allocation, _, growth = rest.rpartition("-")
     allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
     allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
-    kinds = ("warm", "grow", "calib", "fixed")
+    kinds = ("warm", "grow", "prune", "calib", "fixed")
     if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
-            f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth>, "
+            f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
             f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
-            "('gradient', 'random'), optionally +s<signal steps> (warm, grow)"
+            "('gradient', 'random'), optionally +s<signal steps> (warm, grow, prune)"
         )
-    if kind in ("warm", "grow", "fixed") and allocation == "uniform":
+    if kind in ("warm", "grow", "prune", "fixed") and allocation == "uniform":
         raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
     return Method(name, kind, allocation, growth, exponent=float(exponent) if exponent else 1.0)
 
@@ -651,8 +651,10 @@ def build(method: Method, task: Task, model, seed: int = 0):
     if method.kind == "oracle":
         return lora_at_ranks(model, suite, task.planted)
     # grow-only: the warmup runs at half the rank and the reallocation only adds ranks (min_r = the warmup rank), so
-    # nothing learned is cut; the budget is still uniform LoRA's at r (set on the config below, after injection)
-    warm_r = max(1, suite.r // 2) if method.kind == "grow" else suite.r
+    # nothing learned is cut. prune: the warmup runs at twice the rank (AdaLoRA's init_r > target_r) and the
+    # reallocation cuts to the budget, keeping each module's leading learned directions. Either way the budget is
+    # uniform LoRA's at r (set on the config below, after injection)
+    warm_r = {"grow": max(1, suite.r // 2), "prune": 2 * suite.r}.get(method.kind, suite.r)
     adaptive_kwargs: dict[str, Any] = dict(
         r=warm_r, lora_alpha=suite.lora_alpha, signal_steps=signal_steps(method, suite), **common_kwargs
     )
@@ -668,7 +670,7 @@ def build(method: Method, task: Task, model, seed: int = 0):
             score_exponent=method.exponent,
         )
     peft_model = get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
-    if method.kind == "grow":
+    if method.kind in ("grow", "prune"):
         from peft_adaptive.resize import cost_per_rank
 
         modules = peft_model.base_model.adapted_modules()
@@ -713,7 +715,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(0.06 * suite.steps)), suite.steps)
-    collecting = method.kind in ("warm", "grow", "default")
+    collecting = method.kind in ("warm", "grow", "prune", "default")
     if collecting:
         tuner.start_signal_collection(seed=seed)
     losses = []
