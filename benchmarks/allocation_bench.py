@@ -27,6 +27,8 @@ benchmark-only baseline: ``random`` (random scores) or ``ramp`` (rank growing li
 the same budget through ``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
 ``random``. ``adaptive`` is the package default (``AdaptiveLoraConfig()`` with only the budget-related fields set),
 ``adaptive-<score>`` the same with another ``score``.
+``grow-<alloc>-<growth>`` warms up at rank r/2 and only adds ranks; ``prune-<alloc>-<growth>`` warms up at 2r
+(AdaLoRA's ``init_r > target_r``) and cuts to the budget, keeping each module's leading learned directions.
 ``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``. ``fixed-<alloc>-<growth>``
 is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
 ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
@@ -436,7 +438,8 @@ class DistillTask(Task):
         path = Path(os.environ.get("PEFT_ADAPTIVE_DISTILL_CACHE", default))
         if path.is_file():
             cache = torch.load(path)
-            if cache["sizes"] == [len(train_sentences), len(dev_sentences)]:
+            # computed for these sentences from this teacher (another $PEFT_ADAPTIVE_MPNET_DIR recomputes it)
+            if cache["sizes"] == [len(train_sentences), len(dev_sentences)] and cache["teacher"] == models.mpnet_path():
                 return cache
         from transformers import AutoModel, AutoTokenizer
 
