@@ -109,6 +109,8 @@ _DISTILL = Suite("distill", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=300, warm
 SUITES: dict[str, Suite] = {
     "planted": Suite("planted", r=4, lora_alpha=8, lr=2e-3, steps=300, warmup=30, batch_size=32),
     "clm": _CLM,
+    # the same on another corpus (RTE premises and MRPC sentences: news and encyclopedia text), to replicate clm
+    "clm-news": replace(_CLM, name="clm-news", settings={"corpus": "news"}),
     "glue-sst2": Suite(
         "glue-sst2", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
     ),
@@ -169,6 +171,19 @@ def smollm2_path() -> Path:
 def sst2_sentences(split: str) -> list[str]:
     rows, _ = glue_data.load_split("sst2", split, glue_data.default_glue_dir())
     return rows["sentence"]
+
+
+def news_texts(split: str) -> list[str]:
+    """News and encyclopedia text: RTE's premises and MRPC's sentences (both columns), first occurrences only."""
+    glue_dir = glue_data.default_glue_dir()
+    rte, _ = glue_data.load_split("rte", split, glue_dir)
+    mrpc, _ = glue_data.load_split("mrpc", split, glue_dir)
+    texts = rte["sentence1"] + [s for pair in zip(mrpc["sentence1"], mrpc["sentence2"]) for s in pair]
+    return list(dict.fromkeys(t.strip() for t in texts))
+
+
+CORPORA = {"sst2": lambda split: sst2_sentences(split)[:20000] if split == "train" else sst2_sentences(split)}
+CORPORA["news"] = news_texts
 
 
 class Task:
@@ -278,8 +293,9 @@ class CausalLMTask(Task):
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         length = suite.settings.get("length", 64)
-        self.train = list(self._blocks(sst2_sentences("train")[:20000], length))
-        dev = list(self._blocks(sst2_sentences("dev"), length))
+        corpus = CORPORA[suite.settings.get("corpus", "sst2")]
+        self.train = list(self._blocks(corpus("train"), length))
+        dev = list(self._blocks(corpus("dev"), length))
         self.dev = torch.stack(dev[:128])
 
     def _blocks(self, texts: list[str], length: int) -> Iterator[Any]:
