@@ -9,6 +9,7 @@ parameters, ``sum r_i (fan_in_i + fan_out_i)``), the same optimizer, schedule an
   oracle allocation (ranks exactly where the changes are) is the ceiling.
 * ``clm``: SmolLM2-135M (from its PyPI wheel, dequantized once into a cache folder) fine-tuned as a causal LM
   on SST-2 review text, all linear modules. Metric: held-out loss (continuous, far less noisy than accuracy).
+  ``clm-news``: the same on news and encyclopedia text (RTE premises, MRPC sentences), to replicate it.
 * ``distill``: all-MiniLM-L6-v2 learns to produce all-mpnet-base-v2's sentence embeddings (a different, larger
   model; a target with information the student lacks) through a fixed least-squares read-out, on SST-2
   sentences. Metric: the share of the base student's held-out error removed.
@@ -182,8 +183,14 @@ def news_texts(split: str) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts))
 
 
-CORPORA = {"sst2": lambda split: sst2_sentences(split)[:20000] if split == "train" else sst2_sentences(split)}
-CORPORA["news"] = news_texts
+def review_texts(split: str) -> list[str]:
+    """SST-2's movie-review sentences (lower-cased, tokenized): the first 20,000 of the training split."""
+    sentences = sst2_sentences(split)
+    return sentences[:20000] if split == "train" else sentences
+
+
+# the causal-LM suites' text, by ``Suite.settings["corpus"]``
+CORPORA = {"sst2": review_texts, "news": news_texts}
 
 
 class Task:
