@@ -572,6 +572,10 @@ class Method:
     signal_steps: int | None = None  # warm/grow: overrides the suite's warmup (``...+s<N>``)
 
 
+# kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
+SIGNAL_STEP_KINDS = ("warm", "grow", "prune")
+
+
 def parse_method(name: str) -> Method:
     if name == "lora":
         return Method(name, "lora")
@@ -596,14 +600,14 @@ def _parse_adaptive(name: str, spec: str) -> Method:
     allocation, _, growth = rest.rpartition("-")
     allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
     allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
-    kinds = ("warm", "grow", "prune", "calib", "fixed")
+    kinds = (*SIGNAL_STEP_KINDS, "calib", "fixed")
     if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
             f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
             f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
-            "('gradient', 'random'), optionally +s<signal steps> (warm, grow, prune)"
+            f"('gradient', 'random'), optionally +s<signal steps> ({', '.join(SIGNAL_STEP_KINDS)})"
         )
-    if kind in ("warm", "grow", "prune", "fixed") and allocation == "uniform":
+    if kind in (*SIGNAL_STEP_KINDS, "fixed") and allocation == "uniform":
         raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
     return Method(name, kind, allocation, growth, exponent=float(exponent) if exponent else 1.0)
 
@@ -741,7 +745,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(0.06 * suite.steps)), suite.steps)
-    collecting = method.kind in ("warm", "grow", "prune", "default")
+    collecting = method.kind in (*SIGNAL_STEP_KINDS, "default")
     if collecting:
         tuner.start_signal_collection(seed=seed)
     losses = []
