@@ -44,6 +44,7 @@ and is skipped when that file exists. ``report`` re-renders every table from tho
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -53,7 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -999,13 +1000,16 @@ def suite_report(suite_name: str) -> str:
                 f"per seed {per_seed_differences(results[a], results[b], metric)}"
             )
         lines.append("")
-    profiles = [(name, runs) for name, runs in sorted(results.items(), key=lambda kv: _method_order(kv[0]))]
-    profiles = [(name, runs) for name, runs in profiles if len(runs) > 1 and not _uniform(runs)]
+    profiles = [name for name in sorted(results, key=_method_order) if len(results[name]) > 1]
+    profiles = [name for name in profiles if not _uniform(results[name])]
     if profiles:
         lines += ["Where the ranks went (mean final rank over seeds; a removed module counts 0):", ""]
-        for name, runs in profiles:
+        for name in profiles:
+            runs = results[name]
+            layers = 1 + max(module_layer(module) for run in runs.values() for module in final_ranks(run))
             kinds = ", ".join(f"{kind} {rank:.2f}" for kind, rank in mean_rank_by(runs, module_kind).items())
-            thirds = ", ".join(f"{rank:.2f}" for rank in mean_rank_by(runs, depth_third).values())
+            thirds = mean_rank_by(runs, functools.partial(depth_third, layers=layers))
+            thirds = ", ".join(f"{rank:.2f}" for rank in thirds.values())
             agreement = seed_agreement(runs)
             lines.append(
                 f"- {name}: by module {kinds}; by depth (first, middle, last third of the layers) {thirds}; "
@@ -1039,41 +1043,24 @@ def depth_third(name: str, layers: int) -> str:
     return ("first", "middle", "last")[min(2, 3 * module_layer(name) // max(1, layers))]
 
 
-def mean_rank_by(runs: dict[int, dict], group) -> dict[str, float]:
-    """Mean final rank per group of modules over all seeds; ``group(name)`` or ``group(name, layers)``."""
-    layers = 1 + max(module_layer(name) for run in runs.values() for name in final_ranks(run))
-    sums: dict[str, list[int]] = {}
-    # kept modules first (in the model's order, so groups read q, k, v, o, ...), then the removed ones
-    entries = [item for run in runs.values() for item in run["ranks"].items()]
-    entries += [(name, 0) for run in runs.values() for name in (run["allocation"] or {}).get("removed") or []]
-    for name, rank in entries:
-        key = group(name, layers) if group is depth_third else group(name)
-        sums.setdefault(key, []).append(rank)
-    return {key: statistics.fmean(ranks) for key, ranks in sums.items()}
+def mean_rank_by(runs: dict[int, dict], group: Callable[[str], str]) -> dict[str, float]:
+    """Mean final rank per ``group(module name)`` over all seeds, groups in the order the modules come."""
+    ranks_by_group: dict[str, list[int]] = {}
+    for run in runs.values():
+        for name, rank in final_ranks(run).items():
+            ranks_by_group.setdefault(group(name), []).append(rank)
+    return {key: statistics.fmean(ranks) for key, ranks in ranks_by_group.items()}
 
 
 def seed_agreement(runs: dict[int, dict]) -> float:
     """Mean Spearman correlation between two seeds' module ranks: near 1 when the signal finds the same modules on
     every seed (structure of the model or task), near 0 when the allocation is seed noise."""
+    from scipy.stats import spearmanr  # a [bench] dependency (glue_metrics uses it too)
+
     names = sorted(final_ranks(next(iter(runs.values()))))
     vectors = [[final_ranks(run).get(name, 0) for name in names] for run in runs.values()]
     pairs = [(a, b) for i, a in enumerate(vectors) for b in vectors[i + 1 :]]
-    return statistics.fmean(statistics.correlation(_tied_ranks(a), _tied_ranks(b)) for a, b in pairs)
-
-
-def _tied_ranks(values: list[int]) -> list[float]:
-    """Ranks of ``values`` with ties sharing their average rank (Spearman's convention)."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for i in order[start : end + 1]:
-            ranks[i] = (start + end) / 2
-        start = end + 1
-    return ranks
+    return statistics.fmean(float(spearmanr(a, b)[0]) for a, b in pairs)
 
 
 def _method_order(name: str) -> tuple:
