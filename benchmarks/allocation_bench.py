@@ -9,7 +9,8 @@ parameters, ``sum r_i (fan_in_i + fan_out_i)``), the same optimizer, schedule an
   oracle allocation (ranks exactly where the changes are) is the ceiling.
 * ``clm``: SmolLM2-135M (from its PyPI wheel, dequantized once into a cache folder) fine-tuned as a causal LM
   on SST-2 review text, all linear modules. Metric: held-out loss (continuous, far less noisy than accuracy).
-  ``clm-news``: the same on news and encyclopedia text (RTE premises, MRPC sentences), to replicate it.
+  ``clm-news``: the same on news and encyclopedia text (RTE premises, MRPC sentences), to replicate it;
+  ``clm-wiki``: the same on Wikipedia sentences and questions about them (QNLI).
 * ``distill``: all-MiniLM-L6-v2 learns to produce all-mpnet-base-v2's sentence embeddings (a different, larger
   model; a target with information the student lacks) through a fixed least-squares read-out, on SST-2
   sentences. Metric: the share of the base student's held-out error removed.
@@ -113,6 +114,8 @@ SUITES: dict[str, Suite] = {
     "clm": _CLM,
     # the same on another corpus (RTE premises and MRPC sentences: news and encyclopedia text), to replicate clm
     "clm-news": replace(_CLM, name="clm-news", settings={"corpus": "news"}),
+    # a third corpus (Wikipedia sentences and questions about them, from QNLI), pre-registered before any run
+    "clm-wiki": replace(_CLM, name="clm-wiki", settings={"corpus": "wiki"}),
     "glue-sst2": Suite(
         "glue-sst2", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
     ),
@@ -190,8 +193,18 @@ def review_texts(split: str) -> list[str]:
     return sentences[:20000] if split == "train" else sentences
 
 
+def wiki_texts(split: str) -> list[str]:
+    """Wikipedia sentences and the questions asked about them, from QNLI. No labelled train split ships with
+    the local GLUE files, and none is needed: the unlabelled test split is the training text, dev the held-out."""
+    rows = glue_data.load_texts(
+        "qnli", "test" if split == "train" else split, ("question", "sentence"), glue_data.default_glue_dir()
+    )
+    texts = [t for pair in zip(rows["question"], rows["sentence"]) for t in pair]
+    return list(dict.fromkeys(t.strip() for t in texts))
+
+
 # the causal-LM suites' text, by ``Suite.settings["corpus"]``
-CORPORA = {"sst2": review_texts, "news": news_texts}
+CORPORA = {"sst2": review_texts, "news": news_texts, "wiki": wiki_texts}
 
 
 class Task:

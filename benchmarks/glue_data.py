@@ -91,6 +91,18 @@ def load_split(task: str, split: str, glue_dir: Path | None) -> tuple[dict[str, 
     return read_hub_split(task, split), "hub:nyu-mll/glue"
 
 
+def load_texts(task: str, split: str, columns: tuple[str, ...], glue_dir: Path | None) -> dict[str, list[str]]:
+    """Text columns of any split, ``test`` included (unlabelled text for language modelling)."""
+    if glue_dir is not None:
+        return _columns(_read_tsv(glue_dir / task / f"{split}.tsv.gz"), {c: c for c in columns})
+    if common.hub_offline():
+        raise SystemExit("HF_HUB_OFFLINE is set and no GLUE directory was found: pass --glue-dir")
+    from datasets import load_dataset
+
+    data = load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else split)
+    return {c: list(data[c]) for c in columns}
+
+
 def take_subset(rows: dict[str, list], limit: int | None, seed: int = 0) -> dict[str, list]:
     """A fixed random subset of ``limit`` rows (the same for every method and run seed)."""
     n = len(rows["label"])
