@@ -715,12 +715,9 @@ def build(method: Method, task: Task, model, seed: int = 0):
         )
     peft_model = get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
     if method.kind in ("grow", "prune"):
-        from peft_adaptive.resize import cost_per_rank
-
-        modules = peft_model.base_model.adapted_modules()
-        peft_model.peft_config["default"].param_budget = suite.r * sum(
-            cost_per_rank(m, "default") for m in modules.values()
-        )
+        # the package's default budget is uniform LoRA at the warmup rank; rescale it to rank r
+        tuner = peft_model.base_model
+        tuner.peft_config["default"].param_budget = tuner.param_budget() * suite.r // warm_r
     return peft_model
 
 
