@@ -74,33 +74,27 @@ def read_local_split(glue_dir: Path, task: str, split: str) -> dict[str, list]:
     raise ValueError(f"unknown task {task!r}")
 
 
-def read_hub_split(task: str, split: str) -> dict[str, list]:
+def read_hub_columns(task: str, split: str, columns: tuple[str, ...]) -> dict[str, list]:
     from datasets import load_dataset
 
-    hub_split = "validation" if split == "dev" else split
-    data = load_dataset("nyu-mll/glue", task, split=hub_split)
-    return {col: list(data[col]) for col in (*TASKS[task].text_columns, "label")}
+    if common.hub_offline():
+        raise SystemExit("HF_HUB_OFFLINE is set and no GLUE directory was found: pass --glue-dir")
+    data = load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else split)
+    return {col: list(data[col]) for col in columns}
 
 
 def load_split(task: str, split: str, glue_dir: Path | None) -> tuple[dict[str, list], str]:
     """Rows of ``split`` (``train``/``dev``) and where they came from."""
     if glue_dir is not None:
         return read_local_split(glue_dir, task, split), f"local:{glue_dir}"
-    if common.hub_offline():
-        raise SystemExit("HF_HUB_OFFLINE is set and no GLUE directory was found: pass --glue-dir")
-    return read_hub_split(task, split), "hub:nyu-mll/glue"
+    return read_hub_columns(task, split, (*TASKS[task].text_columns, "label")), "hub:nyu-mll/glue"
 
 
 def load_texts(task: str, split: str, columns: tuple[str, ...], glue_dir: Path | None) -> dict[str, list[str]]:
     """Text columns of any split, ``test`` included (unlabelled text for language modelling)."""
     if glue_dir is not None:
         return _columns(_read_tsv(glue_dir / task / f"{split}.tsv.gz"), {c: c for c in columns})
-    if common.hub_offline():
-        raise SystemExit("HF_HUB_OFFLINE is set and no GLUE directory was found: pass --glue-dir")
-    from datasets import load_dataset
-
-    data = load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else split)
-    return {c: list(data[c]) for c in columns}
+    return read_hub_columns(task, split, columns)
 
 
 def take_subset(rows: dict[str, list], limit: int | None, seed: int = 0) -> dict[str, list]:
