@@ -75,10 +75,10 @@ def read_local_split(glue_dir: Path, task: str, split: str) -> dict[str, list]:
 
 
 def read_hub_columns(task: str, split: str, columns: tuple[str, ...]) -> dict[str, list]:
+    if common.hub_offline():  # before the import: the clear message, not an ImportError, where datasets is absent
+        raise SystemExit("HF_HUB_OFFLINE is set and no GLUE directory was found: pass --glue-dir")
     from datasets import load_dataset
 
-    if common.hub_offline():
-        raise SystemExit("HF_HUB_OFFLINE is set and no GLUE directory was found: pass --glue-dir")
     data = load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else split)
     return {col: list(data[col]) for col in columns}
 
