@@ -1067,8 +1067,9 @@ def seed_agreement(runs: dict[int, dict]) -> float:
     every seed (structure of the model or task), near 0 when the allocation is seed noise."""
     from scipy.stats import spearmanr  # a [bench] dependency (glue_metrics uses it too)
 
-    names = sorted(final_ranks(next(iter(runs.values()))))
-    vectors = [[final_ranks(run).get(name, 0) for name in names] for run in runs.values()]
+    ranks = [final_ranks(run) for run in runs.values()]
+    names = sorted(ranks[0])
+    vectors = [[run_ranks.get(name, 0) for name in names] for run_ranks in ranks]
     pairs = [(a, b) for i, a in enumerate(vectors) for b in vectors[i + 1 :]]
     return statistics.fmean(float(spearmanr(a, b)[0]) for a, b in pairs)
 
