@@ -74,8 +74,9 @@ def test_invariant_under_power_of_two_score_scaling(problem, k):
     """Only score ratios matter (the docstring's promise), also for tiny or huge scales."""
     scores, costs, budget, min_r, max_r, exponent = problem
     scaled = [s * 2.0 ** (8 * k) for s in scores]
-    # stay out of subnormals (before and after scaling), where ratios are not exact
+    # stay out of subnormals (before and after scaling), where ratios are not exact, and out of underflow to 0
     assume(all(s == 0 or s > 1e-290 for s in [*scores, *scaled]))
+    assume(all((s == 0) == (t == 0) for s, t in zip(scores, scaled)))
     base = allocate_ranks(scores, costs, budget, min_r, max_r, exponent)
     assert allocate_ranks(scaled, costs, budget, min_r, max_r, exponent).ranks == base.ranks
 
