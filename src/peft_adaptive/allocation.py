@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -62,24 +62,9 @@ def allocate_ranks(
     for i, s in enumerate(scores):
         if not (math.isfinite(s) and s >= 0):
             raise ValueError(f"scores must be finite and >= 0, got scores[{i}]={s}")
-    floor_cost = min_r * sum(cost_per_rank)
-
     weights = _weights(scores, exponent)
-    ranks = [min_r] * n
-    remaining = budget - floor_cost
-    # Max-heap of (-quotient, index). Modules that no longer fit are dropped for good: the
-    # remaining budget only shrinks, so they can never fit again.
-    heap = [(-w / (min_r + 1), i) for i, w in enumerate(weights) if min_r < max_r]
-    heapq.heapify(heap)
-    while heap:
-        _, i = heapq.heappop(heap)
-        if cost_per_rank[i] > remaining:
-            continue
-        ranks[i] += 1
-        remaining -= cost_per_rank[i]
-        if ranks[i] < max_r:
-            heapq.heappush(heap, (-weights[i] / (ranks[i] + 1), i))
-    return Allocation(ranks=ranks, budget=budget, used=budget - remaining)
+    # D'Hondt: the next rank of module i, now at rank r, is worth the quotient w_i / (r + 1)
+    return _greedy(lambda i, r: weights[i] / (r + 1), cost_per_rank, budget, min_r, max_r)
 
 
 def allocate_by_spectrum(
@@ -110,9 +95,27 @@ def allocate_by_spectrum(
         raise ValueError(f"spectra and cost_per_rank must have the same length, got {n} and {len(cost_per_rank)}")
     _check_problem(cost_per_rank, budget, min_r, max_r)
     values = [_extend_spectrum(s, max_r, i) for i, s in enumerate(spectra)]
-    ranks = [min_r] * n
+    return _greedy(lambda i, r: values[i][r] / cost_per_rank[i], cost_per_rank, budget, min_r, max_r)
+
+
+def _greedy(
+    next_rank_value: Callable[[int, int], float],
+    cost_per_rank: Sequence[int],
+    budget: int,
+    min_r: int,
+    max_r: int,
+) -> Allocation:
+    """Start every module at ``min_r``, then hand out one rank at a time to the module whose next rank is worth
+    the most (``next_rank_value(i, current_rank)``) while it fits; ties go to the lower index.
+
+    Both rules above are this loop with a different value: it is optimal when each module's values fall with its
+    rank, as D'Hondt quotients and non-increasing spectra do.
+    """
+    ranks = [min_r] * len(cost_per_rank)
     remaining = budget - min_r * sum(cost_per_rank)
-    heap = [(-values[i][min_r] / cost_per_rank[i], i) for i in range(n) if min_r < max_r]
+    # Max-heap of (-value, index). Modules that no longer fit are dropped for good: the remaining budget only
+    # shrinks, so they can never fit again.
+    heap = [(-next_rank_value(i, min_r), i) for i in range(len(ranks)) if min_r < max_r]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
@@ -121,7 +124,7 @@ def allocate_by_spectrum(
         ranks[i] += 1
         remaining -= cost_per_rank[i]
         if ranks[i] < max_r:
-            heapq.heappush(heap, (-values[i][ranks[i]] / cost_per_rank[i], i))
+            heapq.heappush(heap, (-next_rank_value(i, ranks[i]), i))
     return Allocation(ranks=ranks, budget=budget, used=budget - remaining)
 
 
