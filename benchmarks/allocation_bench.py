@@ -25,8 +25,10 @@ rank r for ``warmup`` steps while collecting signals, then reallocate in place w
 ``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
 ``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
 ``sketch_energy``, ``spectral``, ``gradient_spectrum``), ``uniform`` (no reallocation, calibration only), or a
-benchmark-only baseline: ``random`` (random scores) or ``ramp`` (rank growing linearly with depth), both at
-the same budget through ``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
+benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
+(the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
+the same rank distribution in other places), all at the same budget through
+``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
 ``random``. ``adaptive`` is the package default (``AdaptiveLoraConfig()`` with only the budget-related fields set),
 ``adaptive-<score>`` the same with another ``score``.
 ``grow-<alloc>-<growth>`` warms up at rank r/2 and only adds ranks; ``prune-<alloc>-<growth>`` warms up at 2r
@@ -69,7 +71,9 @@ import models  # noqa: E402
 
 RESULTS = common.RESULTS_DIR / "allocation"
 SCORE_NAMES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
-BASELINE_ALLOCATIONS = ("random", "ramp")
+BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
+#: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks)
+DEFAULT_RUN = "warm-gradient_spectrum-random"
 
 
 # --- suites -----------------------------------------------------------------------------------------------
@@ -579,7 +583,7 @@ def make_task(suite: Suite) -> Task:
 class Method:
     name: str
     kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default
-    allocation: str = "uniform"  # a score, "uniform", "random" or "ramp"
+    allocation: str = "uniform"  # a score, "uniform", "random", "ramp" or "shuffled"
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
@@ -634,21 +638,45 @@ def module_layer(name: str) -> int:
 
 
 def baseline_ranks(kind: str, tuner, seed: int, suite: Suite) -> dict[str, int]:
-    """Random or depth-ramp ranks at the same budget, through the package's own allocation rule."""
+    """Random, depth-ramp or shuffled ranks at the same budget (the first two through the package's allocation
+    rule)."""
     from peft_adaptive import allocate_ranks
     from peft_adaptive.resize import cost_per_rank
 
     modules = tuner.adapted_modules()
     names = list(modules)
+    costs = [cost_per_rank(modules[n], "default") for n in names]
+    if kind == "shuffled":
+        source = result_path(suite.name, DEFAULT_RUN, seed)
+        if not source.is_file():
+            raise SystemExit(f"'shuffled' permutes the ranks of {source}, which does not exist: run that first")
+        ranks = json.loads(source.read_text())["ranks"]
+        if sorted(ranks) != sorted(names):
+            raise SystemExit(f"{source} adapts other modules than this run: cannot permute its ranks")
+        return shuffled_ranks(ranks, dict(zip(names, costs)), seed)
     if kind == "random":
         rng = random.Random(seed)
         scores = [rng.random() for _ in names]
     else:
         scores = [module_layer(n) + 1.0 for n in names]
-    costs = [cost_per_rank(modules[n], "default") for n in names]
     config = tuner.peft_config["default"]
     allocation = allocate_ranks(scores, costs, tuner.param_budget(), config.min_r, config.max_r, 1.0)
     return dict(zip(names, allocation.ranks))
+
+
+def shuffled_ranks(ranks: dict[str, int], costs: dict[str, int], seed: int) -> dict[str, int]:
+    """``ranks`` permuted at random among the modules of equal cost per rank, so the budget used is unchanged:
+    the same distribution of ranks, given to other modules (a control for *where* a score puts rank)."""
+    rng = random.Random(seed)
+    groups: dict[int, list[str]] = {}
+    for name in sorted(ranks):
+        groups.setdefault(costs[name], []).append(name)
+    shuffled = {}
+    for cost in sorted(groups):
+        values = [ranks[name] for name in groups[cost]]
+        rng.shuffle(values)
+        shuffled.update(zip(groups[cost], values))
+    return shuffled
 
 
 def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
