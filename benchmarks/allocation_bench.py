@@ -974,7 +974,13 @@ def verdict(diff: tuple[float, float, float, int, int] | None, higher_is_better:
 
 
 #: Pairs of candidate defaults the report also compares directly (first - second), where a suite has both.
-HEAD_TO_HEAD = [("warm-gradient_spectrum-random", "warm-sensitivity-random")]
+# the default against the previous default, against its own ranks shuffled, and against allocating before training
+HEAD_TO_HEAD = [
+    (DEFAULT_RUN, "warm-sensitivity-random"),
+    (DEFAULT_RUN, "warm-shuffled-random"),
+    ("calib-gradient_spectrum-random", DEFAULT_RUN),
+    ("fixed-gradient_spectrum-random", DEFAULT_RUN),
+]
 
 
 def suite_report(suite_name: str) -> str:
