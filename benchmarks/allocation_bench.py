@@ -650,7 +650,7 @@ def baseline_ranks(kind: str, tuner, seed: int, suite: Suite) -> dict[str, int]:
         source = result_path(suite.name, DEFAULT_RUN, seed)
         if not source.is_file():
             raise SystemExit(f"'shuffled' permutes the ranks of {source}, which does not exist: run that first")
-        ranks = json.loads(source.read_text())["ranks"]
+        ranks = final_ranks(json.loads(source.read_text()))  # modules it removed count as rank 0
         if sorted(ranks) != sorted(names):
             raise SystemExit(f"{source} adapts other modules than this run: cannot permute its ranks")
         return shuffled_ranks(ranks, dict(zip(names, costs)), seed)
@@ -973,8 +973,8 @@ def verdict(diff: tuple[float, float, float, int, int] | None, higher_is_better:
     return text + f": **{'better' if better else 'worse'}**"
 
 
-#: Pairs of candidate defaults the report also compares directly (first - second), where a suite has both.
-# the default against the previous default, against its own ranks shuffled, and against allocating before training
+#: Pairs the report also compares directly (first - second, paired by seed), where a suite has both: the default
+#: against the previous default and against its own ranks shuffled, and allocating before training against it.
 HEAD_TO_HEAD = [
     (DEFAULT_RUN, "warm-sensitivity-random"),
     (DEFAULT_RUN, "warm-shuffled-random"),
