@@ -647,12 +647,9 @@ def baseline_ranks(kind: str, tuner, seed: int, suite: Suite) -> dict[str, int]:
     names = list(modules)
     costs = [cost_per_rank(modules[n], "default") for n in names]
     if kind == "shuffled":
-        source = result_path(suite.name, DEFAULT_RUN, seed)
-        if not source.is_file():
-            raise SystemExit(f"'shuffled' permutes the ranks of {source}, which does not exist: run that first")
-        ranks = final_ranks(json.loads(source.read_text()))  # modules it removed count as rank 0
+        ranks = source_ranks(suite.name, DEFAULT_RUN, seed, user="'shuffled'")
         if sorted(ranks) != sorted(names):
-            raise SystemExit(f"{source} adapts other modules than this run: cannot permute its ranks")
+            raise SystemExit(f"{DEFAULT_RUN} seed {seed} adapts other modules than this run: cannot permute its ranks")
         return shuffled_ranks(ranks, dict(zip(names, costs)), seed)
     if kind == "random":
         rng = random.Random(seed)
@@ -679,12 +676,17 @@ def shuffled_ranks(ranks: dict[str, int], costs: dict[str, int], seed: int) -> d
     return shuffled
 
 
-def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
-    """The final ranks of the in-place run a ``fixed-*`` method copies (that run must exist for this seed)."""
-    source = result_path(suite, "warm-" + method.name.split("-", 1)[1], seed)
+def source_ranks(suite: str, method: str, seed: int, user: str) -> dict[str, int]:
+    """The final ranks (removed modules at 0) of an earlier run that ``user`` builds on; that run must exist."""
+    source = result_path(suite, method, seed)
     if not source.is_file():
-        raise SystemExit(f"{method.name} copies the ranks of {source}, which does not exist: run that method first")
-    return json.loads(source.read_text())["ranks"]
+        raise SystemExit(f"{user} uses the ranks of {source}, which does not exist: run {method} first")
+    return final_ranks(json.loads(source.read_text()))
+
+
+def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
+    """The final ranks of the in-place run a ``fixed-*`` method copies (its removed modules stay unadapted)."""
+    return source_ranks(suite, "warm-" + method.name.split("-", 1)[1], seed, user=method.name)
 
 
 def lora_at_ranks(model, suite: Suite, ranks: dict[str, int]):
