@@ -120,6 +120,9 @@ SUITES: dict[str, Suite] = {
     "clm-news": replace(_CLM, name="clm-news", settings={"corpus": "news"}),
     # a third corpus (Wikipedia sentences and questions about them, from QNLI), pre-registered before any run
     "clm-wiki": replace(_CLM, name="clm-wiki", settings={"corpus": "wiki"}),
+    # clm-wiki at twice the learning rate: is its calibration (lora-4x far ahead of lora) a rank effect or a
+    # step-size one? Under rsLoRA and Adam, one step's first-order loss decrease grows about like sqrt(r).
+    "clm-wiki-lr4e-3": replace(_CLM, name="clm-wiki-lr4e-3", lr=4e-3, settings={"corpus": "wiki"}),
     "glue-sst2": Suite(
         "glue-sst2", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
     ),
