@@ -988,6 +988,30 @@ HEAD_TO_HEAD = [
 ]
 
 
+#: Suites that differ from another only in the learning rate (same data order per seed): the report pairs each
+#: method with its run on the reference suite, to show what the learning rate alone changes.
+LR_VARIANT_OF = {"clm-wiki-lr4e-3": "clm-wiki", "distill-lr5e-3": "distill"}
+
+
+def lr_variant_lines(suite_name: str, results: dict[str, dict[int, dict]]) -> list[str]:
+    reference_name = LR_VARIANT_OF.get(suite_name)
+    if reference_name is None:
+        return []
+    suite, reference = SUITES[suite_name], load_results(reference_name)
+    lines = [
+        f"Against {reference_name} (lr {SUITES[reference_name].lr} instead of {suite.lr}; paired by seed, "
+        f"this suite - {reference_name}):",
+        "",
+    ]
+    for name in sorted(set(results) & set(reference), key=_method_order):
+        diff = paired(results[name], reference[name], suite.metric)
+        lines.append(
+            f"- {name}: {verdict(diff, suite.higher_is_better)}; "
+            f"per seed {per_seed_differences(results[name], reference[name], suite.metric)}"
+        )
+    return [*lines, ""]
+
+
 def suite_report(suite_name: str) -> str:
     suite = SUITES[suite_name]
     results = load_results(suite_name)
@@ -1049,6 +1073,7 @@ def suite_report(suite_name: str) -> str:
                 f"per seed {per_seed_differences(results[a], results[b], metric)}"
             )
         lines.append("")
+    lines += lr_variant_lines(suite_name, results)
     profiles = [name for name in sorted(results, key=_method_order) if len(results[name]) > 1]
     profiles = [name for name in profiles if not _uniform(results[name])]
     if profiles:
