@@ -1002,7 +1002,7 @@ def lr_variant_lines(suite_name: str, results: dict[str, dict[int, dict]]) -> li
         return []
     suite, reference = SUITES[suite_name], load_results(reference_name)
     lines = [
-        f"Against {reference_name} (lr {SUITES[reference_name].lr} instead of {suite.lr}; paired by seed, "
+        f"Against {reference_name} (lr {SUITES[reference_name].lr} there, {suite.lr} here; paired by seed, "
         f"this suite - {reference_name}):",
         "",
     ]
