@@ -111,6 +111,10 @@ _CLM = Suite(
     metric="eval_loss",
 )
 
+# the causal LM on two more corpora (see SUITES); named here because their learning-rate variants derive from them
+_CLM_NEWS = replace(_CLM, name="clm-news", settings={"corpus": "news"})
+_CLM_WIKI = replace(_CLM, name="clm-wiki", settings={"corpus": "wiki"})
+
 # MiniLM distilling all-mpnet-base-v2's sentence embeddings through a fixed read-out (DistillTask)
 _DISTILL = Suite("distill", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=300, warmup=30, batch_size=32)
 
@@ -118,14 +122,14 @@ SUITES: dict[str, Suite] = {
     "planted": Suite("planted", r=4, lora_alpha=8, lr=2e-3, steps=300, warmup=30, batch_size=32),
     "clm": _CLM,
     # the same on another corpus (RTE premises and MRPC sentences: news and encyclopedia text), to replicate clm
-    "clm-news": replace(_CLM, name="clm-news", settings={"corpus": "news"}),
+    "clm-news": _CLM_NEWS,
     # a third corpus (Wikipedia sentences and questions about them, from QNLI), pre-registered before any run
-    "clm-wiki": replace(_CLM, name="clm-wiki", settings={"corpus": "wiki"}),
+    "clm-wiki": _CLM_WIKI,
     # clm-wiki at twice the learning rate: is its calibration (lora-4x far ahead of lora) a rank effect or a
     # step-size one? Under rsLoRA and Adam, one step's first-order loss decrease grows about like sqrt(r).
-    "clm-wiki-lr4e-3": replace(_CLM, name="clm-wiki-lr4e-3", lr=4e-3, settings={"corpus": "wiki"}),
+    "clm-wiki-lr4e-3": replace(_CLM_WIKI, name="clm-wiki-lr4e-3", lr=4e-3),
     # the same check on the corpus where the default wins at 2e-3: does the win survive a better-tuned lr?
-    "clm-news-lr4e-3": replace(_CLM, name="clm-news-lr4e-3", lr=4e-3, settings={"corpus": "news"}),
+    "clm-news-lr4e-3": replace(_CLM_NEWS, name="clm-news-lr4e-3", lr=4e-3),
     "glue-sst2": Suite(
         "glue-sst2", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
     ),
@@ -981,6 +985,12 @@ def verdict(diff: tuple[float, float, float, int, int] | None, higher_is_better:
     return text + f": **{'better' if better else 'worse'}**"
 
 
+def comparison_line(label: str, a: dict[int, dict], b: dict[int, dict], suite: Suite) -> str:
+    """``- label: verdict; per seed ...``: the report's line for one paired comparison a - b."""
+    diff = paired(a, b, suite.metric)
+    return f"- {label}: {verdict(diff, suite.higher_is_better)}; per seed {per_seed_differences(a, b, suite.metric)}"
+
+
 #: Pairs the report also compares directly (first - second, paired by seed), where a suite has both: the default
 #: against the previous default and against its own ranks shuffled, and allocating before training against it.
 HEAD_TO_HEAD = [
@@ -1007,11 +1017,7 @@ def lr_variant_lines(suite_name: str, results: dict[str, dict[int, dict]]) -> li
         "",
     ]
     for name in sorted(set(results) & set(reference), key=_method_order):
-        diff = paired(results[name], reference[name], suite.metric)
-        lines.append(
-            f"- {name}: {verdict(diff, suite.higher_is_better)}; "
-            f"per seed {per_seed_differences(results[name], reference[name], suite.metric)}"
-        )
+        lines.append(comparison_line(name, results[name], reference[name], suite))
     return [*lines, ""]
 
 
@@ -1071,10 +1077,7 @@ def suite_report(suite_name: str) -> str:
     if duels:
         lines += ["Head to head (paired by seed):", ""]
         for a, b in duels:
-            lines.append(
-                f"- {a} - {b}: {verdict(paired(results[a], results[b], metric), suite.higher_is_better)}; "
-                f"per seed {per_seed_differences(results[a], results[b], metric)}"
-            )
+            lines.append(comparison_line(f"{a} - {b}", results[a], results[b], suite))
         lines.append("")
     lines += lr_variant_lines(suite_name, results)
     profiles = [name for name in sorted(results, key=_method_order) if len(results[name]) > 1]
