@@ -37,6 +37,10 @@ the same rank distribution in other places), all at the same budget through
 ``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``. ``fixed-<alloc>-<growth>``
 is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
 ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
+``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
+it needed, from the singular values of its learned updates at the end (run that first). It is what a score could
+get by knowing in advance where a 4x adapter ends up using its extra rank. Every run records those singular values
+(``update_spectra``), so the report can also say how well a score's allocation agrees with them.
 
 Runs are resumable: each (suite, method, seed) writes ``benchmarks/results/allocation/<suite>/<method>/seed<k>.json``
 and is skipped when that file exists. ``report`` re-renders every table from those files::
@@ -593,7 +597,7 @@ def make_task(suite: Suite) -> Task:
 class Method:
     name: str
     kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default
-    allocation: str = "uniform"  # a score, "uniform", "random", "ramp" or "shuffled"
+    allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled" or "hindsight" (fixed only)
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
@@ -629,11 +633,14 @@ def _parse_adaptive(name: str, spec: str) -> Method:
     allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
     allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
     kinds = (*SIGNAL_STEP_KINDS, "calib", "fixed")
+    if kind == "fixed" and allocation == "hindsight" and growth == "random":
+        return Method(name, kind, allocation, growth)
     if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
             f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
             f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
-            f"('gradient', 'random'), optionally +s<signal steps> ({', '.join(SIGNAL_STEP_KINDS)})"
+            f"('gradient', 'random'), optionally +s<signal steps> ({', '.join(SIGNAL_STEP_KINDS)}), "
+            "or fixed-hindsight-random"
         )
     if kind in (*SIGNAL_STEP_KINDS, "fixed") and allocation == "uniform":
         raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
@@ -699,6 +706,41 @@ def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
     return source_ranks(suite, "warm-" + method.name.split("-", 1)[1], seed, user=method.name)
 
 
+def hindsight_ranks(suite: Suite, seed: int, model) -> dict[str, int]:
+    """Ranks at uniform LoRA's budget at ``r`` from what this seed's ``lora-4x`` run learned: the package's rule
+    for spectra (one global threshold on ``sigma^2`` per parameter, ``min_r``..``max_r``) applied to the singular
+    values of each module's final update ``s B A``. Where a 4x adapter puts energy beyond rank ``r`` is where
+    it used the extra rank, so these are the ranks a score would pick if it could see the end of training."""
+    from peft_adaptive.allocation import allocate_by_spectrum
+
+    source = result_path(suite.name, "lora-4x", seed)
+    if not source.is_file():
+        raise SystemExit(f"fixed-hindsight-random uses the update spectra of {source}, which does not exist")
+    spectra = json.loads(source.read_text()).get("update_spectra")
+    if not spectra:
+        raise SystemExit(f"{source} ran before runs recorded update_spectra: delete it and run lora-4x again")
+    names = sorted(spectra)
+    costs = [model.get_submodule(n).in_features + model.get_submodule(n).out_features for n in names]
+    energies = [[v * v for v in spectra[n]] for n in names]
+    allocation = allocate_by_spectrum(energies, costs, suite.r * sum(costs), suite.min_r, suite.max_r_factor * suite.r)
+    return dict(zip(names, allocation.ranks))
+
+
+def update_spectra(model) -> dict[str, list[float]]:
+    """Per adapted module, the singular values of its learned update ``s B A`` (4 significant digits)."""
+    from peft.tuners.lora import LoraLayer
+
+    from peft_adaptive.signals import SignalCollector
+
+    layers = {
+        name: module
+        for name, module in model.base_model.model.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.lora_A
+    }
+    collector = SignalCollector(layers, "default", track_delta=False)
+    return {name: [float(f"{v:.4g}") for v in s] for name, s in zip(collector.names, collector.update_spectra())}
+
+
 def lora_at_ranks(model, suite: Suite, ranks: dict[str, int]):
     """PEFT's LoraConfig adapting exactly the named modules at the given ranks (rank 0: not adapted)."""
     from peft import LoraConfig, get_peft_model
@@ -728,6 +770,8 @@ def build(method: Method, task: Task, model, seed: int = 0):
         return get_peft_model(
             model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)
         )
+    if method.kind == "fixed" and method.allocation == "hindsight":
+        return lora_at_ranks(model, suite, hindsight_ranks(suite, seed, model))
     if method.kind == "fixed":
         # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
         # with, to separate the allocation's quality from the cost of changing ranks mid-training
@@ -843,6 +887,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
         "allocation": None
         if report is None
         else {"step": report.step, "scores": report.scores, "removed": report.removed},
+        "update_spectra": update_spectra(model),
         "calib_batches": calib_batches if method.kind == "calib" else 0,
         "train_seconds": round(train_seconds, 1),
         "settings": {**asdict(suite), "method": asdict(method)},
