@@ -706,23 +706,22 @@ def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
     return source_ranks(suite, "warm-" + method.name.split("-", 1)[1], seed, user=method.name)
 
 
-def hindsight_ranks(suite: Suite, seed: int, model) -> dict[str, int]:
-    """Ranks at uniform LoRA's budget at ``r`` from what this seed's ``lora-4x`` run learned: the package's rule
-    for spectra (one global threshold on ``sigma^2`` per parameter, ``min_r``..``max_r``) applied to the singular
-    values of each module's final update ``s B A``. Where a 4x adapter puts energy beyond rank ``r`` is where
-    it used the extra rank, so these are the ranks a score would pick if it could see the end of training."""
+def hindsight_ranks(suite: Suite, source: dict) -> dict[str, int]:
+    """Ranks at uniform LoRA's budget at ``r`` from what a ``lora-4x`` run learned (``source``, its JSON): the
+    package's rule for spectra (one global threshold on ``sigma^2`` per parameter, ``min_r``..``max_r``) applied to
+    the singular values of each module's final update ``s B A``. Where a 4x adapter puts energy beyond rank ``r``
+    is where it used the extra rank, so these are the ranks a score would pick if it could see the end of training."""
     from peft_adaptive.allocation import allocate_by_spectrum
 
-    source = result_path(suite.name, "lora-4x", seed)
-    if not source.is_file():
-        raise SystemExit(f"fixed-hindsight-random uses the update spectra of {source}, which does not exist")
-    spectra = json.loads(source.read_text()).get("update_spectra")
-    if not spectra:
-        raise SystemExit(f"{source} ran before runs recorded update_spectra: delete it and run lora-4x again")
-    names = sorted(spectra)
-    costs = [model.get_submodule(n).in_features + model.get_submodule(n).out_features for n in names]
+    spectra, costs = source.get("update_spectra"), source.get("rank_costs")
+    if not spectra or not costs:
+        raise SystemExit(f"{source['suite']} lora-4x seed {source['seed']} ran before runs recorded update spectra")
+    names = list(spectra)  # module order, as the run recorded them
+    cost_list = [costs[n] for n in names]
     energies = [[v * v for v in spectra[n]] for n in names]
-    allocation = allocate_by_spectrum(energies, costs, suite.r * sum(costs), suite.min_r, suite.max_r_factor * suite.r)
+    allocation = allocate_by_spectrum(
+        energies, cost_list, suite.r * sum(cost_list), suite.min_r, suite.max_r_factor * suite.r
+    )
     return dict(zip(names, allocation.ranks))
 
 
@@ -771,7 +770,10 @@ def build(method: Method, task: Task, model, seed: int = 0):
             model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)
         )
     if method.kind == "fixed" and method.allocation == "hindsight":
-        return lora_at_ranks(model, suite, hindsight_ranks(suite, seed, model))
+        source = result_path(suite.name, "lora-4x", seed)
+        if not source.is_file():
+            raise SystemExit(f"{method.name} uses the update spectra of {source}, which does not exist: run lora-4x")
+        return lora_at_ranks(model, suite, hindsight_ranks(suite, json.loads(source.read_text())))
     if method.kind == "fixed":
         # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
         # with, to separate the allocation's quality from the cost of changing ranks mid-training
@@ -888,6 +890,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
         if report is None
         else {"step": report.step, "scores": report.scores, "removed": report.removed},
         "update_spectra": update_spectra(model),
+        "rank_costs": {n: cost_per_rank(modules[n], "default") for n in ranks},
         "calib_batches": calib_batches if method.kind == "calib" else 0,
         "train_seconds": round(train_seconds, 1),
         "settings": {**asdict(suite), "method": asdict(method)},
@@ -1125,20 +1128,26 @@ def suite_report(suite_name: str) -> str:
             lines.append(comparison_line(f"{a} - {b}", results[a], results[b], suite))
         lines.append("")
     lines += lr_variant_lines(suite_name, results)
-    profiles = [name for name in sorted(results, key=_method_order) if len(results[name]) > 1]
-    profiles = [name for name in profiles if not _uniform(results[name])]
+    profiles = {name: results[name] for name in sorted(results, key=_method_order) if len(results[name]) > 1}
+    profiles = {name: runs for name, runs in profiles.items() if not _uniform(runs)}
+    hindsight = hindsight_runs(suite, results)
+    if len(hindsight) > 1:
+        profiles["hindsight (lora-4x's update spectra)"] = hindsight
     if profiles:
         lines += ["Where the ranks went (mean final rank over seeds; a removed module counts 0):", ""]
-        for name in profiles:
-            runs = results[name]
+        for name, runs in profiles.items():
             layers = 1 + max(module_layer(module) for run in runs.values() for module in final_ranks(run))
             kinds = ", ".join(f"{kind} {rank:.2f}" for kind, rank in mean_rank_by(runs, module_kind).items())
             thirds = mean_rank_by(runs, functools.partial(depth_third, layers=layers))
             thirds = ", ".join(f"{rank:.2f}" for rank in thirds.values())
             agreement = seed_agreement(runs)
+            with_hindsight = ""
+            if hindsight and runs is not hindsight and set(runs) & set(hindsight):
+                with_hindsight = f"; agreement with hindsight (same seed) {rank_agreement(runs, hindsight):.2f}"
             lines.append(
                 f"- {name}: by module {kinds}; by depth (first, middle, last third of the layers) {thirds}; "
                 f"seed agreement (mean Spearman correlation of the module ranks between two seeds) {agreement:.2f}"
+                + with_hindsight
             )
         lines.append("")
     return "\n".join(lines)
@@ -1180,13 +1189,30 @@ def mean_rank_by(runs: dict[int, dict], group: Callable[[str], str]) -> dict[str
 def seed_agreement(runs: dict[int, dict]) -> float:
     """Mean Spearman correlation between two seeds' module ranks: near 1 when the signal finds the same modules on
     every seed (structure of the model or task), near 0 when the allocation is seed noise."""
+    ranks = [final_ranks(run) for run in runs.values()]
+    return statistics.fmean(_spearman(a, b) for i, a in enumerate(ranks) for b in ranks[i + 1 :])
+
+
+def rank_agreement(runs: dict[int, dict], reference: dict[int, dict]) -> float:
+    """Mean Spearman correlation of the module ranks with ``reference``'s on the same seed."""
+    common = sorted(set(runs) & set(reference))
+    return statistics.fmean(_spearman(final_ranks(runs[s]), final_ranks(reference[s])) for s in common)
+
+
+def _spearman(a: dict[str, int], b: dict[str, int]) -> float:
     from scipy.stats import spearmanr  # a [bench] dependency (glue_metrics uses it too)
 
-    ranks = [final_ranks(run) for run in runs.values()]
-    names = sorted(ranks[0])
-    vectors = [[run_ranks.get(name, 0) for name in names] for run_ranks in ranks]
-    pairs = [(a, b) for i, a in enumerate(vectors) for b in vectors[i + 1 :]]
-    return statistics.fmean(float(spearmanr(a, b)[0]) for a, b in pairs)
+    names = sorted(a)
+    return float(spearmanr([a[n] for n in names], [b.get(n, 0) for n in names])[0])
+
+
+def hindsight_runs(suite: Suite, results: dict[str, dict[int, dict]]) -> dict[int, dict]:
+    """Per seed with a ``lora-4x`` run that recorded its update spectra, the hindsight ranks as a run-like record."""
+    return {
+        seed: {"ranks": hindsight_ranks(suite, run), "allocation": None}
+        for seed, run in results.get("lora-4x", {}).items()
+        if run.get("update_spectra") and run.get("rank_costs")
+    }
 
 
 def _method_order(name: str) -> tuple:
