@@ -693,12 +693,17 @@ def shuffled_ranks(ranks: dict[str, int], costs: dict[str, int], seed: int) -> d
     return shuffled
 
 
-def source_ranks(suite: str, method: str, seed: int, user: str) -> dict[str, int]:
-    """The final ranks (removed modules at 0) of an earlier run that ``user`` builds on; that run must exist."""
+def source_run(suite: str, method: str, seed: int, user: str) -> dict:
+    """The record of an earlier run that ``user`` builds on; that run must exist."""
     source = result_path(suite, method, seed)
     if not source.is_file():
-        raise SystemExit(f"{user} uses the ranks of {source}, which does not exist: run {method} first")
-    return final_ranks(json.loads(source.read_text()))
+        raise SystemExit(f"{user} builds on {source}, which does not exist: run {method} first")
+    return json.loads(source.read_text())
+
+
+def source_ranks(suite: str, method: str, seed: int, user: str) -> dict[str, int]:
+    """The final ranks (removed modules at 0) of an earlier run that ``user`` builds on."""
+    return final_ranks(source_run(suite, method, seed, user))
 
 
 def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
@@ -725,17 +730,11 @@ def hindsight_ranks(suite: Suite, source: dict) -> dict[str, int]:
     return dict(zip(names, allocation.ranks))
 
 
-def update_spectra(model) -> dict[str, list[float]]:
-    """Per adapted module, the singular values of its learned update ``s B A`` (4 significant digits)."""
-    from peft.tuners.lora import LoraLayer
-
+def update_spectra(layers: dict) -> dict[str, list[float]]:
+    """Per LoRA layer (``{name: layer}``), the singular values of its learned update ``s B A`` (4 significant
+    digits)."""
     from peft_adaptive.signals import SignalCollector
 
-    layers = {
-        name: module
-        for name, module in model.base_model.model.named_modules()
-        if isinstance(module, LoraLayer) and "default" in module.lora_A
-    }
     collector = SignalCollector(layers, "default", track_delta=False)
     return {name: [float(f"{v:.4g}") for v in s] for name, s in zip(collector.names, collector.update_spectra())}
 
@@ -770,10 +769,8 @@ def build(method: Method, task: Task, model, seed: int = 0):
             model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)
         )
     if method.kind == "fixed" and method.allocation == "hindsight":
-        source = result_path(suite.name, "lora-4x", seed)
-        if not source.is_file():
-            raise SystemExit(f"{method.name} uses the update spectra of {source}, which does not exist: run lora-4x")
-        return lora_at_ranks(model, suite, hindsight_ranks(suite, json.loads(source.read_text())))
+        source = source_run(suite.name, "lora-4x", seed, user=method.name)
+        return lora_at_ranks(model, suite, hindsight_ranks(suite, source))
     if method.kind == "fixed":
         # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
         # with, to separate the allocation's quality from the cost of changing ranks mid-training
@@ -889,7 +886,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
         "allocation": None
         if report is None
         else {"step": report.step, "scores": report.scores, "removed": report.removed},
-        "update_spectra": update_spectra(model),
+        "update_spectra": update_spectra({n: modules[n] for n in ranks}),
         "rank_costs": {n: cost_per_rank(modules[n], "default") for n in ranks},
         "calib_batches": calib_batches if method.kind == "calib" else 0,
         "train_seconds": round(train_seconds, 1),
