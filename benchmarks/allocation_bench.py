@@ -34,7 +34,8 @@ the same rank distribution in other places), all at the same budget through
 ``adaptive-<score>`` the same with another ``score``.
 ``grow-<alloc>-<growth>`` warms up at rank r/2 and only adds ranks; ``prune-<alloc>-<growth>`` warms up at 2r
 (AdaLoRA's ``init_r > target_r``) and cuts to the budget, keeping each module's leading learned directions.
-``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``. ``fixed-<alloc>-<growth>``
+``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``; ``...+max<K>r`` caps
+every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more conservative default). ``fixed-<alloc>-<growth>``
 is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
 ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 ``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
@@ -602,6 +603,7 @@ class Method:
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
     signal_steps: int | None = None  # warm/grow: overrides the suite's warmup (``...+s<N>``)
+    max_r_factor: int | None = None  # overrides the suite's max_r = max_r_factor * r (``...+max<K>r``)
 
 
 # kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
@@ -620,11 +622,20 @@ def parse_method(name: str) -> Method:
     if name.startswith("adaptive-") and name.removeprefix("adaptive-") in SCORE_NAMES:
         # the package default with another score (e.g. an earlier default, kept comparable)
         return Method(name, "default", allocation=name.removeprefix("adaptive-"))
-    spec, _, steps = name.partition("+s")  # e.g. warm-sensitivity-random+s5: reallocate after 5 signal steps
-    if steps and not steps.isdigit():
-        raise SystemExit(f"unknown method {name!r}: the suffix is +s<signal steps>, e.g. +s5")
+    # suffixes: +s<N> reallocates after N signal steps (warm-sensitivity-random+s5); +max<K>r caps ranks at K * r
+    spec, *suffixes = name.split("+")
     method = _parse_adaptive(name, spec)
-    return replace(method, signal_steps=int(steps)) if steps else method
+    for suffix in suffixes:
+        if re.fullmatch(r"s\d+", suffix):
+            method = replace(method, signal_steps=int(suffix[1:]))
+        elif re.fullmatch(r"max\d+r", suffix) and int(suffix[3:-1]) >= 1:
+            method = replace(method, max_r_factor=int(suffix[3:-1]))
+        else:
+            raise SystemExit(
+                f"unknown method {name!r}: the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r "
+                "(max_r = K * r, K >= 1, e.g. +max2r)"
+            )
+    return method
 
 
 def _parse_adaptive(name: str, spec: str) -> Method:
@@ -791,7 +802,7 @@ def build(method: Method, task: Task, model, seed: int = 0):
         score = method.allocation if method.allocation in SCORE_NAMES else "norms"
         adaptive_kwargs.update(
             min_r=warm_r if method.kind == "grow" else suite.min_r,
-            max_r=suite.max_r_factor * suite.r,
+            max_r=max_rank(method, suite),
             score=score,
             growth=method.growth,
             score_exponent=method.exponent,
@@ -806,6 +817,10 @@ def build(method: Method, task: Task, model, seed: int = 0):
 
 def signal_steps(method: Method, suite: Suite) -> int:
     return suite.warmup if method.signal_steps is None else method.signal_steps
+
+
+def max_rank(method: Method, suite: Suite) -> int:
+    return (suite.max_r_factor if method.max_r_factor is None else method.max_r_factor) * suite.r
 
 
 # --- one run ----------------------------------------------------------------------------------------------
@@ -1037,12 +1052,14 @@ def comparison_line(label: str, a: dict[int, dict], b: dict[int, dict], suite: S
 
 
 #: Pairs the report also compares directly (first - second, paired by seed), where a suite has both: the default
-#: against the previous default and against its own ranks shuffled, and allocating before training against it.
+#: against the previous default and against its own ranks shuffled, and allocating before training or with ranks
+#: capped at 2r against it.
 HEAD_TO_HEAD = [
     (DEFAULT_RUN, "warm-sensitivity-random"),
     (DEFAULT_RUN, "warm-shuffled-random"),
     ("calib-gradient_spectrum-random", DEFAULT_RUN),
     ("fixed-gradient_spectrum-random", DEFAULT_RUN),
+    (DEFAULT_RUN + "+max2r", DEFAULT_RUN),
 ]
 
 
