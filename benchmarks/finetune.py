@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--min-r", type=int, default=2)
-    p.add_argument("--max-r", type=int, default=32)
+    p.add_argument("--max-r", type=int, default=None, help="default: the package's (2 * r)")
     p.add_argument("--score", default=None, help="AdaptiveLoraConfig.score (default: the package's default)")
     p.add_argument("--grad-weight", type=float, default=1.0, help="--score norms only")
     p.add_argument("--delta-weight", type=float, default=0.0, help="--score norms only")

@@ -315,6 +315,12 @@ def test_registration_survives_reload():
 # --- config validation ----------------------------------------------------------------------------
 
 
+def test_default_rank_bounds():
+    config = AdaptiveLoraConfig(r=4, target_modules=["q_proj"])
+    assert (config.min_r, config.max_r, config.sketch_size) == (1, 8, 16)  # max_r = 2r, sketch max_r + 8
+    assert AdaptiveLoraConfig(r=4, max_r=5, target_modules=["q_proj"]).sketch_size == 13
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -324,7 +330,7 @@ def test_registration_survives_reload():
         (dict(growth="svd"), "growth.*one of 'gradient', 'random'"),
         (dict(sketch_size=0), "sketch_size"),
         (dict(min_r=5, max_r=3), r"max_r.*min_r"),
-        (dict(r=1, min_r=5), r"max_r.*min_r"),  # default max_r = 4 * r = 4 < min_r
+        (dict(r=1, min_r=3), r"max_r.*min_r"),  # default max_r = 2 * r = 2 < min_r
         (dict(grad_weight=-1.0), "grad_weight"),
         (dict(grad_weight=float("inf")), "grad_weight"),
         (dict(delta_weight=float("nan")), "delta_weight"),
