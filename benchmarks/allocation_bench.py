@@ -78,7 +78,8 @@ import models  # noqa: E402
 RESULTS = common.RESULTS_DIR / "allocation"
 SCORE_NAMES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
 BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
-#: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks)
+#: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
+#: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
 DEFAULT_RUN = "warm-gradient_spectrum-random"
 
 
