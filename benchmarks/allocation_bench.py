@@ -102,6 +102,10 @@ class Suite:
     metric: str = "gap_closed"
     settings: dict = field(default_factory=dict)
 
+    @property
+    def max_r(self) -> int:
+        return self.max_r_factor * self.r
+
 
 # SmolLM2 causal LM: 200 steps of 8 blocks of 64 tokens, held-out loss
 _CLM = Suite(
@@ -627,10 +631,10 @@ def parse_method(name: str) -> Method:
     spec, *suffixes = name.split("+")
     method = _parse_adaptive(name, spec)
     for suffix in suffixes:
-        if re.fullmatch(r"s\d+", suffix):
-            method = replace(method, signal_steps=int(suffix[1:]))
-        elif re.fullmatch(r"max\d+r", suffix) and int(suffix[3:-1]) >= 1:
-            method = replace(method, max_r_factor=int(suffix[3:-1]))
+        if steps := re.fullmatch(r"s(\d+)", suffix):
+            method = replace(method, signal_steps=int(steps[1]))
+        elif factor := re.fullmatch(r"max([1-9]\d*)r", suffix):
+            method = replace(method, max_r_factor=int(factor[1]))
         else:
             raise SystemExit(
                 f"unknown method {name!r}: the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r "
@@ -736,9 +740,7 @@ def hindsight_ranks(suite: Suite, source: dict) -> dict[str, int]:
     names = list(spectra)  # module order, as the run recorded them
     cost_list = [costs[n] for n in names]
     energies = [[v * v for v in spectra[n]] for n in names]
-    allocation = allocate_by_spectrum(
-        energies, cost_list, suite.r * sum(cost_list), suite.min_r, suite.max_r_factor * suite.r
-    )
+    allocation = allocate_by_spectrum(energies, cost_list, suite.r * sum(cost_list), suite.min_r, suite.max_r)
     return dict(zip(names, allocation.ranks))
 
 
@@ -821,7 +823,7 @@ def signal_steps(method: Method, suite: Suite) -> int:
 
 
 def max_rank(method: Method, suite: Suite) -> int:
-    return (suite.max_r_factor if method.max_r_factor is None else method.max_r_factor) * suite.r
+    return suite.max_r if method.max_r_factor is None else method.max_r_factor * suite.r
 
 
 # --- one run ----------------------------------------------------------------------------------------------
@@ -1094,7 +1096,7 @@ def suite_report(suite_name: str) -> str:
     lines.append(
         f"Settings: r={suite.r} (budget = uniform LoRA at r), lora_alpha={suite.lora_alpha}, rsLoRA={suite.use_rslora}, "
         f"lr={suite.lr}, {suite.steps} steps of batch {suite.batch_size}, adaptive warmup {suite.warmup} steps, "
-        f"min_r={suite.min_r}, max_r={suite.max_r_factor * suite.r}. Metric: `{metric}` "
+        f"min_r={suite.min_r}, max_r={suite.max_r}. Metric: `{metric}` "
         f"({'higher' if suite.higher_is_better else 'lower'} is better). Paired differences: mean over seeds of "
         "(method - lora), same seed = same data order and initialisation, with the half-width of its 95% t "
         "interval; **better**/**worse** when the interval excludes 0, 'inside' otherwise."
