@@ -7,8 +7,8 @@ import torch
 from peft import get_peft_model
 
 from peft_adaptive import AdaptiveLoraConfig
-from peft_adaptive.config import SCORES
 from peft_adaptive.resize import lora_factors
+from peft_adaptive.scores import SCORES
 
 from .planted import inputs, planted_pair, row_space_fraction
 from .tiny_models import tiny_llama, token_batch
@@ -120,3 +120,32 @@ def test_explicit_ranks_are_checked():
         model.reallocate(ranks={"branches.0": 6, "branches.1": 6, "branches.2": 6})
     report = model.reallocate(ranks={"branches.0": 1, "branches.1": 4, "branches.2": 1})
     assert report.ranks_after == [1, 4, 1]
+
+
+def test_a_registered_score_is_one_class_and_one_call():
+    """A user's score: what it needs collected and how it allocates; the config and the reallocation take it."""
+    from peft_adaptive.allocation import allocate_ranks
+    from peft_adaptive.scores import Needs, Score, ScoredAllocation, register_score
+
+    class LastBranchScore(Score):
+        name = "last_branch"
+        gradient_only = True
+
+        def needs(self, config, layers, adapter):
+            return Needs(grad_sum=True)
+
+        def allocate(self, collector, costs, budget, config):
+            assert collector.b_grad_sum is not None  # what needs() asked for was collected
+            values = [1.0 if name == "branches.2" else 0.0 for name in collector.names]
+            return ScoredAllocation(values, allocate_ranks(values, costs, budget, config.min_r, config.max_r))
+
+    with pytest.raises(ValueError, match="score must be one of"):
+        AdaptiveLoraConfig(score="last_branch")
+    register_score(LastBranchScore())
+    try:
+        model, teacher, _ = planted_student(score="last_branch")
+        report = model.reallocate(warmup(model, teacher, steps=2))
+        assert dict(zip(report.names, report.ranks_after)) == {"branches.0": 0, "branches.1": 0, "branches.2": 6}
+        assert report.score == "last_branch"
+    finally:
+        SCORES.pop("last_branch")

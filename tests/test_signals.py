@@ -10,7 +10,8 @@ from peft import get_peft_model
 
 from peft_adaptive import AdaptiveLoraConfig
 from peft_adaptive.resize import lora_parameters
-from peft_adaptive.signals import ModuleSignals, SignalCollector, combine_scores
+from peft_adaptive.scores.norms import combine_scores
+from peft_adaptive.signals import ModuleSignals, SignalCollector
 
 from .tiny_models import adaptive_model, token_batch
 

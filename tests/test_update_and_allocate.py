@@ -13,7 +13,7 @@ import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, get_linear_schedule_with_warmup
 
 from peft_adaptive import AdaptiveLoraCallback, calibrate_adaptive_lora
-from peft_adaptive.scores import trackers_for
+from peft_adaptive.scores import get_score
 
 from .tiny_models import TokenDataset, adaptive_model
 
@@ -84,7 +84,8 @@ def test_one_call_gives_exactly_the_low_level_sequence(config):
     one = adaptive_model(max_r=12, signal_steps=SIGNAL_STEPS, lora_dropout=0.0, **config)
     # the weight delta and the gradient sketch (gradient growth, the sketch scores) must see the first step
     built = one.peft_config["default"]
-    needs_early_start = built.delta_weight > 0 or trackers_for(built.score, built.growth).sketch
+    needs = get_score(built.score).needs(built, one.base_model.adapted_modules(), "default")
+    needs_early_start = needs.delta or needs.sketch or built.growth == "gradient"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # started before the loop when needed: no late-start warning
         _, reports = one_call_loop(one, data, start_first=needs_early_start)

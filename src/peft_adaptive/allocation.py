@@ -176,3 +176,11 @@ def _is_whole(value: object) -> bool:
         return math.isfinite(value) and int(value) == value
     except TypeError:
         return False
+
+
+def normalise(values: list[float]) -> list[float]:
+    """Scale finite non-negative values to sum to one (non-finite ones count as 0; all-zero gives uniform)."""
+    total = sum(v for v in values if math.isfinite(v))
+    if total <= 0:
+        return [1.0 / len(values)] * len(values) if values else []
+    return [v / total if math.isfinite(v) else 0.0 for v in values]

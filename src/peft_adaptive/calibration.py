@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .model import AdaptiveLoraModel, AllocationReport
-from .scores import GRADIENT_ONLY_SCORES
+from .scores import SCORES, get_score
 
 
 def calibrate_adaptive_lora(
@@ -60,10 +60,11 @@ def calibrate_adaptive_lora(
         )
     adapter_name = tuner._resolve_adapter(adapter_name)
     config = tuner.peft_config[adapter_name]
-    if allocate and ranks is None and config.score not in GRADIENT_ONLY_SCORES:
+    if allocate and ranks is None and not get_score(config.score).gradient_only:
+        gradient_only = [name for name, score in SCORES.items() if score.gradient_only]
         raise ValueError(
             f"AdaptiveLoraConfig.score={config.score!r} needs training steps; calibration can only use "
-            f"{', '.join(repr(s) for s in GRADIENT_ONLY_SCORES)} (or allocate=False)"
+            f"{', '.join(repr(s) for s in gradient_only)} (or allocate=False)"
         )
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")

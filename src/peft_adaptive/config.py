@@ -18,9 +18,8 @@ from .checkpoints import atomic_write_text
 from .hub_files import fetch_adapter_file, split_hub_kwargs
 from .model_card import add_lora_tags
 from .options import check_lora_options, saved_config
+from .scores import SCORES
 
-#: Values of ``AdaptiveLoraConfig.score`` (implemented in :mod:`peft_adaptive.scores`).
-SCORES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
 #: Values of ``AdaptiveLoraConfig.growth``.
 GROWTH_RULES = ("gradient", "random")
 

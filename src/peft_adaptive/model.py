@@ -25,7 +25,7 @@ from .resize import (
     lora_factors,
     resize_lora_layer,
 )
-from .scores import score_and_allocate, trackers_for
+from .scores import get_score
 from .signals import SignalCollector
 from .sketch import gradient_directions
 from .variants import after_injection, before_injection
@@ -266,28 +266,24 @@ class AdaptiveLoraModel(LoraModel):
     ) -> SignalCollector:
         """Start accumulating the signals the configured ``score`` and ``growth`` need.
 
-        ``track_delta`` defaults to what the score needs: the weight delta of ``score="norms"`` when
-        ``delta_weight > 0``, and for ``score="spectral"`` only when the adapter does not start at ``B = 0``.
-        The snapshot is a float32 copy of the adapter, so it is only held when needed. ``seed`` seeds the
+        ``track_delta`` defaults to what the score needs (:meth:`peft_adaptive.scores.Score.needs`): the weight
+        delta of ``score="norms"`` when ``delta_weight > 0``, and for ``score="spectral"`` only when the adapter does
+        not start at ``B = 0``. The snapshot is a float32 copy of the adapter, so it is only held when needed. ``seed`` seeds the
         gradient sketch's random projection (the same on every process).
         """
         adapter_name = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter_name]
         layers = self.adapted_modules(adapter_name)
-        if track_delta is None:
-            track_delta = (config.score == "norms" and config.delta_weight > 0) or (
-                config.score == "spectral"
-                and any(lora_factors(m, adapter_name)[1].abs().max() > 0 for m in layers.values())
-            )
-        trackers = trackers_for(config.score, config.growth)
+        needs = get_score(config.score).needs(config, layers, adapter_name)
         self._close_collector(adapter_name)
         collector = SignalCollector(
             layers,
             adapter_name,
-            track_delta=track_delta,
-            track_sensitivity=trackers.sensitivity,
-            track_grad_sum=trackers.grad_sum,
-            sketch_size=config.sketch_size if trackers.sketch else 0,
+            track_delta=needs.delta if track_delta is None else track_delta,
+            track_sensitivity=needs.sensitivity,
+            track_grad_sum=needs.grad_sum,
+            # gradient growth takes its directions from the sketch, whatever the score
+            sketch_size=config.sketch_size if needs.sketch or config.growth == "gradient" else 0,
             seed=seed,
         )
         self._signal_collectors[adapter_name] = collector
@@ -370,18 +366,7 @@ class AdaptiveLoraModel(LoraModel):
             )
             ranks = {n: modules[n].r[adapter_name] for n in signals.names}
         if ranks is None:
-            scored = score_and_allocate(
-                config.score,
-                collector,
-                signals,
-                costs,
-                budget,
-                config.min_r,
-                config.max_r,
-                config.score_exponent,
-                config.grad_weight,
-                config.delta_weight,
-            )
+            scored = get_score(config.score).allocate(collector, costs, budget, config)
             scores, ranks = scored.scores, dict(zip(signals.names, scored.allocation.ranks))
         else:
             _check_explicit_ranks(ranks, signals.names, costs, budget)

@@ -20,7 +20,8 @@ The delta signal needs a float32 copy of the adapter's factors from the start of
 taken when the delta is tracked (by default when ``delta_weight > 0``), so with the default weights the
 warmup holds no extra memory over plain LoRA.
 
-Optional trackers, each held only when the chosen score needs it (see :mod:`peft_adaptive.scores`):
+Optional trackers, each held only when the chosen score needs it (:class:`peft_adaptive.scores.Needs`). This
+module only accumulates; what a score makes of them is in that score's own file under :mod:`peft_adaptive.scores`:
 
 * ``sensitivity``: AdaLoRA's importance ``|theta * grad|`` of every adapter entry, smoothed with an EMA
   (``beta1``) and weighted by an EMA of its own uncertainty ``|I - I_bar|`` (``beta2``); two float32 tensors
@@ -129,52 +130,29 @@ class SignalCollector:
                 importance.mul_(beta1).add_(current, alpha=1 - beta1)
                 uncertainty.mul_(beta2).add_((current - importance).abs(), alpha=1 - beta2)
 
-    @torch.no_grad()
-    def sensitivity(self) -> list[float] | None:
-        """Per module: mean over its adapter entries of smoothed importance x uncertainty (AdaLoRA's score)."""
-        if self._sensitivity is None:
-            return None
-        per_factor = [float((i * u).sum()) for i, u in self._sensitivity]
-        return [(a + b) / float(n) for a, b, n in zip(per_factor[0::2], per_factor[1::2], self._numel.tolist())]
+    @property
+    def sensitivity_state(self) -> list[list[torch.Tensor]] | None:
+        """Per factor (``A``, ``B`` of each module in turn): ``[smoothed importance, smoothed uncertainty]``, or
+        ``None`` when not tracked."""
+        return self._sensitivity
 
-    @torch.no_grad()
-    def grad_sum_spectra(self) -> list[list[float]] | None:
-        """Per module: the singular values of its *mean* full-weight gradient seen through ``A``.
+    @property
+    def b_grad_sum(self) -> list[torch.Tensor] | None:
+        """Per module: the sum over the recorded steps of ``dL/dB``, or ``None`` when not tracked."""
+        return self._b_grad_sum
 
-        ``sum dL/dB = s (sum G) A^T``; with ``Omega = A^T / (rms(A) sqrt(r))``, ``E[Omega Omega^T] = I``, so the
-        singular values of ``sum dL/dB / (steps s rms(A) sqrt(r))`` estimate the ``r`` leading ones of the mean
-        gradient. Valid while ``A`` is close to its random initialisation, i.e. during a short warmup.
-        """
-        if self._b_grad_sum is None:
-            return None
-        steps = max(float(self._steps.item()), 1.0)
-        spectra = []
-        for layer, total in zip(self.layers, self._b_grad_sum):
-            A, _ = lora_factors(layer, self.adapter)
-            r = A.shape[0]
-            rms_a = float(A.detach().float().pow(2).mean().sqrt()) or 1.0
-            matrix = total.reshape(total.shape[0], -1).double() / (
-                steps * layer.scaling[self.adapter] * rms_a * math.sqrt(r)
-            )
-            spectra.append(torch.linalg.svdvals(matrix).tolist())
-        return spectra
+    @property
+    def snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per module: the factors ``(A0, s0 B0)`` (float32) when the collection started, or ``None``."""
+        return self._snapshot
 
-    @torch.no_grad()
-    def update_spectra(self) -> list[list[float]]:
-        """Per module: the singular values of its learned update ``s B A`` (minus the snapshot, if one was taken)."""
-        spectra = []
-        for index, layer in enumerate(self.layers):
-            A, B = lora_factors(layer, self.adapter)
-            sB = B.detach().double() * layer.scaling[self.adapter]
-            A = A.detach().double()
-            if self._snapshot is not None:
-                A0, sB0 = self._snapshot[index]
-                sB = torch.cat([sB, -sB0.to(sB.device).double()], dim=1)
-                A = torch.cat([A, A0.to(A.device).double()], dim=0)
-            _, r_b = torch.linalg.qr(sB)
-            _, r_a = torch.linalg.qr(A.T)
-            spectra.append(torch.linalg.svdvals(r_b @ r_a.T).tolist())
-        return spectra
+    def finite_steps(self) -> float:
+        """The number of recorded steps with finite gradients (the others added nothing)."""
+        return float(self._steps.item())
+
+    def adapter_numel(self) -> list[int]:
+        """Per module: the number of entries of its two factors."""
+        return [int(n) for n in self._numel.tolist()]
 
     @property
     def tracks_delta(self) -> bool:
@@ -251,30 +229,3 @@ def _product_difference_norm(B: torch.Tensor, A: torch.Tensor, B0: torch.Tensor,
     V = torch.cat([A, A0.to(A.device)], dim=0).double()  # [r + r0, in]
     squared = ((U.T @ U) * (V @ V.T)).sum().clamp_min(0)
     return float(squared.sqrt())
-
-
-def combine_scores(signals: ModuleSignals, grad_weight: float, delta_weight: float) -> list[float]:
-    """``s_i = grad_weight * G_i + delta_weight * W_i`` with each signal normalised to sum to one.
-
-    Normalising by the sum (not min-max) keeps the ratios between modules, so a module with twice the
-    activity gets twice the share, and the least active module is not pushed to zero. The two weights
-    then trade off the signals independently of their physical units.
-    """
-    if signals.delta_rms is None:
-        if delta_weight != 0:
-            raise ValueError(
-                f"delta_weight={delta_weight} needs the weight-delta signal, which was not tracked: "
-                "start the collection with track_delta=True"
-            )
-        return [grad_weight * g for g in normalise(signals.grad_rms)]
-    return [
-        grad_weight * g + delta_weight * d for g, d in zip(normalise(signals.grad_rms), normalise(signals.delta_rms))
-    ]
-
-
-def normalise(values: list[float]) -> list[float]:
-    """Scale finite non-negative values to sum to one (non-finite ones count as 0; all-zero gives uniform)."""
-    total = sum(v for v in values if math.isfinite(v))
-    if total <= 0:
-        return [1.0 / len(values)] * len(values) if values else []
-    return [v / total if math.isfinite(v) else 0.0 for v in values]
