@@ -71,10 +71,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import glue_data  # noqa: E402
-import glue_metrics  # noqa: E402
-import models  # noqa: E402
+from bench import common, models  # noqa: E402
+from bench import data as glue_data  # noqa: E402
+from bench import metrics as glue_metrics  # noqa: E402
 
 RESULTS = common.RESULTS_DIR / "allocation"
 SCORE_NAMES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")

@@ -8,7 +8,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-import common
+from . import common
 
 
 def minilm_path() -> str | None:
