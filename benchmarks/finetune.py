@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_data import TASKS, default_glue_dir, load_split, take_subset  # noqa: E402  (shared with glue.py)
-from glue_metrics import compute_metrics  # noqa: E402
-from models import resolve_model  # noqa: E402
+from bench.data import TASKS, default_glue_dir, load_split, take_subset  # noqa: E402  (shared with glue.py)
+from bench.metrics import compute_metrics  # noqa: E402
+from bench.models import resolve_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,13 +33,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue_data import TASKS, default_glue_dir  # noqa: E402
+from bench.data import TASKS, default_glue_dir  # noqa: E402
+from bench.models import assemble_mpnet, mpnet_path  # noqa: E402
 from glue_records import merge_payloads  # noqa: E402
 from glue_report import write_outputs  # noqa: E402
 from glue_runner import run_benchmark  # noqa: E402
 from glue_worker import run_worker  # noqa: E402
 from methods import METHOD_KINDS  # noqa: E402
-from models import assemble_mpnet, mpnet_path  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
     # ~10 minutes on 2 CPU cores: the headline task on a fixed subset, one seed, every method

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import common
+from bench import common
 from glue_records import group_runs, method_order, ok_runs
 
 

@@ -12,13 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import common
 import glue_worker
-from glue_data import TASKS, load_split, take_subset
+from bench import common
+from bench.data import TASKS, load_split, take_subset
+from bench.models import resolve_model
 from glue_report import write_outputs
 from glue_worker import RunSpec
 from methods import Method, plan_methods
-from models import resolve_model
 
 #: the script each run executes in a fresh process
 WORKER_SCRIPT = str(Path(glue_worker.__file__).resolve())

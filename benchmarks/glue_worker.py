@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import common
-from glue_data import TASKS
-from glue_metrics import compute_metrics
+from bench import common
+from bench.data import TASKS
+from bench.metrics import compute_metrics
 from methods import Method, adapter_facts, build_method, method_lr
 
 

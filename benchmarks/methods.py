@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import common
+from bench import common
 
 if TYPE_CHECKING:
     from glue_worker import RunSpec

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+from bench import common  # noqa: E402
 
 # --- configurations ---------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import common
+from . import common
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import common
+from . import common
 
 
 def _sklearn_scipy_metrics(task: str, preds: list, labels: list) -> dict[str, float]:

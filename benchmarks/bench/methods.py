@@ -1,0 +1,256 @@
+"""The compared methods: their names (``parse_method``) and how each wraps a model (``build``).
+
+Methods (``--methods``): ``lora``, ``lora-4x`` (PEFT's own LoraConfig), ``warm-<alloc>-<growth>`` (train at
+rank r for ``warmup`` steps while collecting signals, then reallocate in place with ``AdaptiveLoraModel``),
+``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
+``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
+``sketch_energy``, ``spectral``, ``gradient_spectrum``), ``uniform`` (no reallocation, calibration only), or a
+benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
+(the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
+the same rank distribution in other places), all at the same budget through
+``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
+``random``. ``adaptive`` is the package default (``AdaptiveLoraConfig()`` with only the budget-related fields set),
+``adaptive-<score>`` the same with another ``score``.
+``grow-<alloc>-<growth>`` warms up at rank r/2 and only adds ranks; ``prune-<alloc>-<growth>`` warms up at 2r
+(AdaLoRA's ``init_r > target_r``) and cuts to the budget, keeping each module's leading learned directions.
+``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``; ``...+max<K>r`` caps
+every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more conservative default). ``fixed-<alloc>-<growth>``
+is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
+ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
+``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
+it needed, from the singular values of its learned updates at the end (run that first). It is what a score could
+get by knowing in advance where a 4x adapter ends up using its extra rank. Every run records those singular values
+(``update_spectra``), so the report can also say how well a score's allocation agrees with them.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from .records import final_ranks, source_run
+from .suites import Suite
+
+if TYPE_CHECKING:
+    from .tasks import Task
+
+
+SCORE_NAMES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
+BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
+#: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
+#: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
+DEFAULT_RUN = "warm-gradient_spectrum-random"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default
+    allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled" or "hindsight" (fixed only)
+    growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
+    rank_factor: int = 1  # lora only: multiple of the budget
+    exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
+    signal_steps: int | None = None  # warm/grow: overrides the suite's warmup (``...+s<N>``)
+    max_r_factor: int | None = None  # overrides the suite's max_r = max_r_factor * r (``...+max<K>r``)
+
+
+# kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
+SIGNAL_STEP_KINDS = ("warm", "grow", "prune")
+
+
+def parse_method(name: str) -> Method:
+    """The method a ``--methods`` name stands for (grammar: this module's docstring); SystemExit on an unknown name."""
+    if name == "lora":
+        return Method(name, "lora")
+    if name.startswith("lora-") and name.endswith("x"):
+        return Method(name, "lora", rank_factor=int(name[5:-1]))
+    if name == "oracle":
+        return Method(name, "oracle")
+    if name == "adaptive":
+        return Method(name, "default")
+    if name.startswith("adaptive-") and name.removeprefix("adaptive-") in SCORE_NAMES:
+        # the package default with another score (e.g. an earlier default, kept comparable)
+        return Method(name, "default", allocation=name.removeprefix("adaptive-"))
+    # suffixes: +s<N> reallocates after N signal steps (warm-sensitivity-random+s5); +max<K>r caps ranks at K * r
+    spec, *suffixes = name.split("+")
+    method = _parse_adaptive(name, spec)
+    for suffix in suffixes:
+        if steps := re.fullmatch(r"s(\d+)", suffix):
+            method = replace(method, signal_steps=int(steps[1]))
+        elif factor := re.fullmatch(r"max([1-9]\d*)r", suffix):
+            method = replace(method, max_r_factor=int(factor[1]))
+        else:
+            raise SystemExit(
+                f"unknown method {name!r}: the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r "
+                "(max_r = K * r, K >= 1, e.g. +max2r)"
+            )
+    return method
+
+
+def _parse_adaptive(name: str, spec: str) -> Method:
+    kind, _, rest = spec.partition("-")
+    allocation, _, growth = rest.rpartition("-")
+    allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
+    allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
+    kinds = (*SIGNAL_STEP_KINDS, "calib", "fixed")
+    if kind == "fixed" and allocation == "hindsight" and growth == "random":
+        return Method(name, kind, allocation, growth)
+    if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
+        raise SystemExit(
+            f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
+            f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
+            f"('gradient', 'random'), optionally +s<signal steps> ({', '.join(SIGNAL_STEP_KINDS)}), "
+            "or fixed-hindsight-random"
+        )
+    if kind in (*SIGNAL_STEP_KINDS, "fixed") and allocation == "uniform":
+        raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
+    return Method(name, kind, allocation, growth, exponent=float(exponent) if exponent else 1.0)
+
+
+def module_layer(name: str) -> int:
+    """The block index in a module name (``encoder.layer.3.…``, ``model.layers.3.…``); 0 outside the blocks."""
+    for part_a, part_b in zip(name.split("."), name.split(".")[1:]):
+        if part_a in ("layer", "layers") and part_b.isdigit():
+            return int(part_b)
+    return 0
+
+
+def baseline_ranks(kind: str, tuner, seed: int, suite: Suite) -> dict[str, int]:
+    """Random, depth-ramp or shuffled ranks at the same budget (the first two through the package's allocation
+    rule)."""
+    from peft_adaptive import allocate_ranks
+    from peft_adaptive.resize import cost_per_rank
+
+    modules = tuner.adapted_modules()
+    names = list(modules)
+    costs = [cost_per_rank(modules[n], "default") for n in names]
+    if kind == "shuffled":
+        ranks = source_ranks(suite.name, DEFAULT_RUN, seed, user="'shuffled'")
+        if sorted(ranks) != sorted(names):
+            raise SystemExit(f"{DEFAULT_RUN} seed {seed} adapts other modules than this run: cannot permute its ranks")
+        return shuffled_ranks(ranks, dict(zip(names, costs)), seed)
+    if kind == "random":
+        rng = random.Random(seed)
+        scores = [rng.random() for _ in names]
+    else:
+        scores = [module_layer(n) + 1.0 for n in names]
+    config = tuner.peft_config["default"]
+    allocation = allocate_ranks(scores, costs, tuner.param_budget(), config.min_r, config.max_r, 1.0)
+    return dict(zip(names, allocation.ranks))
+
+
+def shuffled_ranks(ranks: dict[str, int], costs: dict[str, int], seed: int) -> dict[str, int]:
+    """``ranks`` permuted at random among the modules of equal cost per rank, so the budget used is unchanged:
+    the same distribution of ranks, given to other modules (a control for *where* a score puts rank)."""
+    rng = random.Random(seed)
+    groups: dict[int, list[str]] = {}
+    for name in sorted(ranks):
+        groups.setdefault(costs[name], []).append(name)
+    shuffled = {}
+    for cost in sorted(groups):
+        values = [ranks[name] for name in groups[cost]]
+        rng.shuffle(values)
+        shuffled.update(zip(groups[cost], values))
+    return shuffled
+
+
+def source_ranks(suite: str, method: str, seed: int, user: str) -> dict[str, int]:
+    """The final ranks (removed modules at 0) of an earlier run that ``user`` builds on."""
+    return final_ranks(source_run(suite, method, seed, user))
+
+
+def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
+    """The final ranks of the in-place run a ``fixed-*`` method copies (its removed modules stay unadapted)."""
+    return source_ranks(suite, "warm-" + method.name.split("-", 1)[1], seed, user=method.name)
+
+
+def hindsight_ranks(suite: Suite, source: dict) -> dict[str, int]:
+    """Ranks at uniform LoRA's budget at ``r`` from what a ``lora-4x`` run learned (``source``, its JSON): the
+    package's rule for spectra (one global threshold on ``sigma^2`` per parameter, ``min_r``..``max_r``) applied to
+    the singular values of each module's final update ``s B A``. Where a 4x adapter puts energy beyond rank ``r``
+    is where it used the extra rank, so these are the ranks a score would pick if it could see the end of training."""
+    from peft_adaptive.allocation import allocate_by_spectrum
+
+    spectra, costs = source.get("update_spectra"), source.get("rank_costs")
+    if not spectra or not costs:
+        raise SystemExit(f"{source['suite']} lora-4x seed {source['seed']} ran before runs recorded update spectra")
+    names = list(spectra)  # module order, as the run recorded them
+    cost_list = [costs[n] for n in names]
+    energies = [[v * v for v in spectra[n]] for n in names]
+    allocation = allocate_by_spectrum(energies, cost_list, suite.r * sum(cost_list), suite.min_r, suite.max_r)
+    return dict(zip(names, allocation.ranks))
+
+
+def lora_at_ranks(model, suite: Suite, ranks: dict[str, int]):
+    """PEFT's LoraConfig adapting exactly the named modules at the given ranks (rank 0: not adapted)."""
+    from peft import LoraConfig, get_peft_model
+
+    ranks = {name: r for name, r in ranks.items() if r > 0}
+    config = LoraConfig(
+        r=1,
+        lora_alpha=suite.lora_alpha,
+        target_modules=sorted(ranks),
+        rank_pattern={f"^{re.escape(name)}$": r for name, r in ranks.items()},
+        lora_dropout=0.0,
+        use_rslora=suite.use_rslora,
+    )
+    return get_peft_model(model, config)
+
+
+def build(method: Method, task: Task, model, seed: int = 0):
+    """Wrap ``model`` with the method's adapter; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    import peft_adaptive  # noqa: F401  (registers the method)
+    from peft_adaptive import AdaptiveLoraConfig
+
+    suite = task.suite
+    common_kwargs = dict(target_modules=task.targets(), lora_dropout=0.0, use_rslora=suite.use_rslora)
+    if method.kind == "lora":
+        return get_peft_model(
+            model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)
+        )
+    if method.kind == "fixed" and method.allocation == "hindsight":
+        source = source_run(suite.name, "lora-4x", seed, user=method.name)
+        return lora_at_ranks(model, suite, hindsight_ranks(suite, source))
+    if method.kind == "fixed":
+        # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
+        # with, to separate the allocation's quality from the cost of changing ranks mid-training
+        return lora_at_ranks(model, suite, fixed_ranks(suite.name, method, seed))
+    if method.kind == "oracle":
+        return lora_at_ranks(model, suite, task.planted)
+    # grow-only: the warmup runs at half the rank and the reallocation only adds ranks (min_r = the warmup rank), so
+    # nothing learned is cut. prune: the warmup runs at twice the rank (AdaLoRA's init_r > target_r) and the
+    # reallocation cuts to the budget, keeping each module's leading learned directions. Either way the budget is
+    # uniform LoRA's at r (set on the config below, after injection)
+    warm_r = {"grow": max(1, suite.r // 2), "prune": 2 * suite.r}.get(method.kind, suite.r)
+    adaptive_kwargs: dict[str, Any] = dict(
+        r=warm_r, lora_alpha=suite.lora_alpha, signal_steps=signal_steps(method, suite), **common_kwargs
+    )
+    if method.kind == "default" and method.allocation in SCORE_NAMES:
+        adaptive_kwargs["score"] = method.allocation
+    if method.kind != "default":
+        score = method.allocation if method.allocation in SCORE_NAMES else "norms"
+        adaptive_kwargs.update(
+            min_r=warm_r if method.kind == "grow" else suite.min_r,
+            max_r=max_rank(method, suite),
+            score=score,
+            growth=method.growth,
+            score_exponent=method.exponent,
+        )
+    peft_model = get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
+    if method.kind in ("grow", "prune"):
+        # the package's default budget is uniform LoRA at the warmup rank; rescale it to rank r
+        tuner = peft_model.base_model
+        tuner.peft_config["default"].param_budget = tuner.param_budget() * suite.r // warm_r
+    return peft_model
+
+
+def signal_steps(method: Method, suite: Suite) -> int:
+    return suite.warmup if method.signal_steps is None else method.signal_steps
+
+
+def max_rank(method: Method, suite: Suite) -> int:
+    return suite.max_r if method.max_r_factor is None else method.max_r_factor * suite.r
