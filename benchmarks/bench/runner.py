@@ -109,10 +109,9 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int) ->
 def update_spectra(layers: dict) -> dict[str, list[float]]:
     """Per LoRA layer (``{name: layer}``), the singular values of its learned update ``s B A`` (4 significant
     digits)."""
-    from peft_adaptive.signals import SignalCollector
+    from peft_adaptive.scores.spectral import update_spectrum
 
-    collector = SignalCollector(layers, "default", track_delta=False)
-    return {name: [float(f"{v:.4g}") for v in s] for name, s in zip(collector.names, collector.update_spectra())}
+    return {name: [float(f"{v:.4g}") for v in update_spectrum(layer, "default")] for name, layer in layers.items()}
 
 
 def run_jobs(args: argparse.Namespace, script: str) -> None:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from . import family
+
 
 @dataclass(frozen=True)
 class Suite:
@@ -69,6 +71,10 @@ _CLM = Suite(
 _CLM_NEWS = replace(_CLM, name="clm-news", settings={"corpus": "news"})
 _CLM_WIKI = replace(_CLM, name="clm-wiki", settings={"corpus": "wiki"})
 
+_GLUE_SST2 = Suite(
+    "glue-sst2", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
+)
+
 # MiniLM distilling all-mpnet-base-v2's sentence embeddings through a fixed read-out (DistillTask)
 _DISTILL = Suite("distill", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=300, warmup=30, batch_size=32)
 
@@ -84,9 +90,7 @@ SUITES: dict[str, Suite] = {
     "clm-wiki-lr4e-3": replace(_CLM_WIKI, name="clm-wiki-lr4e-3", lr=4e-3),
     # the same check on the corpus where the default wins at 2e-3: does the win survive a better-tuned lr?
     "clm-news-lr4e-3": replace(_CLM_NEWS, name="clm-news-lr4e-3", lr=4e-3),
-    "glue-sst2": Suite(
-        "glue-sst2", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="accuracy"
-    ),
+    "glue-sst2": _GLUE_SST2,
     "glue-stsb": Suite(
         "glue-stsb", r=2, min_r=1, lora_alpha=4, lr=2e-3, steps=400, warmup=40, batch_size=32, metric="pearson"
     ),
@@ -97,6 +101,11 @@ SUITES: dict[str, Suite] = {
     # the same with a well-posed read-out (fit_readout): the first two suites' lstsq read-out cannot be rebuilt on
     # another machine, so their runs pair only with runs that used the same cache file
     "distill-pinv": replace(_DISTILL, name="distill-pinv", settings={"readout": "pinv"}),
+    # The same text in a new script (bench/transforms.py), pre-registered before any run: does the need for rank
+    # concentrate where the model reads and writes? Each is the suite it derives from with the text rewritten.
+    "clm-cipher": replace(_CLM_WIKI, name="clm-cipher", settings={"corpus": "wiki", "transform": "cipher"}),
+    "glue-sst2-nospace": replace(_GLUE_SST2, name="glue-sst2-nospace", settings={"transform": "nospace"}),
+    "glue-sst2-cipher": replace(_GLUE_SST2, name="glue-sst2-cipher", settings={"transform": "cipher"}),
     # The first runs, kept as measured: r=1 with min_r=0, where an allocation can only move rank by removing
     # modules (it removed half of them on the causal LM and lost to uniform LoRA); see RESULTS.md.
     "clm-r1": replace(_CLM, name="clm-r1", r=1, min_r=0),
@@ -108,6 +117,25 @@ SUITES: dict[str, Suite] = {
     ),
 }
 
+
+def family_suite(index: int) -> Suite:
+    """Member ``index`` of the planted family (bench/family.py): short runs, the member's budget, lora_alpha = 2r."""
+    member = family.member(index)
+    return Suite(
+        f"family-{index:02d}",
+        r=member.r,
+        lora_alpha=2 * member.r,
+        lr=2e-3,
+        steps=200,
+        warmup=20,
+        batch_size=16,
+        max_r_factor=family.MAX_R_FACTOR,
+        min_r=1,
+        settings={"member": index, "teacher": member.teacher},
+    )
+
+
+SUITES.update({suite.name: suite for suite in map(family_suite, range(family.FAMILY_SIZE))})
 
 #: Suites that differ from another only in the learning rate (same data order per seed): the report pairs each
 #: method with its run on the reference suite, to show what the learning rate alone changes.

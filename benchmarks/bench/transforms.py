@@ -27,9 +27,7 @@ def letter_cipher(seed: int = CIPHER_SEED) -> Callable[[str], str]:
         rng.shuffle(image)
         if all(a != b for a, b in zip(letters, image)):
             break
-    table = str.maketrans(
-        string.ascii_lowercase + string.ascii_uppercase, "".join(image) + "".join(image).upper()
-    )
+    table = str.maketrans(string.ascii_lowercase + string.ascii_uppercase, "".join(image) + "".join(image).upper())
     return lambda text: text.translate(table)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import data, models
 from ..suites import Suite
+from ..transforms import text_transform
 from .base import Task, sst2_sentences
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,8 +52,9 @@ class CausalLMTask(Task):
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         length = suite.settings.get("length", 64)
         corpus = CORPORA[suite.settings.get("corpus", "sst2")]
-        self.train = list(self._blocks(corpus("train"), length))
-        dev = list(self._blocks(corpus("dev"), length))
+        transform = text_transform(suite.settings.get("transform"))  # the same rewriting of train and dev
+        self.train = list(self._blocks([transform(t) for t in corpus("train")], length))
+        dev = list(self._blocks([transform(t) for t in corpus("dev")], length))
         self.dev = torch.stack(dev[:128])
 
     def _blocks(self, texts: list[str], length: int) -> Iterator[Any]:

@@ -8,6 +8,7 @@ from typing import Any
 from .. import data, models
 from ..metrics import compute_metrics
 from ..suites import Suite
+from ..transforms import text_transform
 from .base import MINILM_TARGETS, Task
 
 
@@ -20,6 +21,7 @@ class GlueTask(Task):
         self.spec = data.TASKS[self.task]
         self.path = models.resolve_model("minilm")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.transform = text_transform(suite.settings.get("transform"))  # the same rewriting of train and dev
         train, _ = data.load_split(self.task, "train", data.default_glue_dir())
         dev, _ = data.load_split(self.task, "dev", data.default_glue_dir())
         train = data.take_subset(train, suite.settings.get("train_limit", 8000))
@@ -29,7 +31,8 @@ class GlueTask(Task):
 
     def _encode(self, rows: dict) -> list[dict]:
         columns = self.spec.text_columns
-        encoded = self.tokenizer(*[rows[c] for c in columns], truncation=True, max_length=64)
+        texts = [[self.transform(text) for text in rows[c]] for c in columns]
+        encoded = self.tokenizer(*texts, truncation=True, max_length=64)
         return [
             {
                 "input_ids": encoded["input_ids"][i],

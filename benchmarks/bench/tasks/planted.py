@@ -1,14 +1,19 @@
-"""``planted``: a MiniLM teacher with low-rank changes of known ranks planted in four modules; the students learn
-to match its hidden states."""
+"""Ground truth: a teacher with low-rank changes of known ranks planted in some modules; the students learn to match
+its hidden states on SST-2 sentences, and the oracle adapts exactly the changed modules at exactly their ranks.
+
+* ``planted``: all-MiniLM-L6-v2 with four changes of very different ranks (``PLANTED``), 32-token sentences.
+* ``family-<k>``: member ``k`` of the planted family (:mod:`bench.family`), 16-token sentences.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from .. import models
+from .. import family, models
 from ..suites import Suite
 from .base import MINILM_TARGETS, Task, sst2_sentences, with_gap_closed
+from .clm import LLAMA_TARGETS
 
 #: The planted changes: (layer, module, rank). Very different ranks in modules of different shapes.
 PLANTED = [
@@ -20,47 +25,41 @@ PLANTED = [
 PLANTED_STRENGTH = 0.5  # each planted singular value, relative to the module weight's largest one
 
 
-class PlantedTask(Task):
+class HiddenStateTask(Task):
+    """Students match a fixed teacher's last hidden states (masked MSE); the metric is the share of the base model's
+    held-out error removed. A subclass builds the teacher (:meth:`plant`) and names the model and targets."""
+
+    max_length: int  # tokens per sentence
+
     def __init__(self, suite: Suite):
         super().__init__(suite)
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        self.path = models.resolve_model("minilm")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.teacher = AutoModel.from_pretrained(self.path).eval().requires_grad_(False)
-        generator = torch.Generator().manual_seed(1234)  # the task, not the run: fixed across seeds
-        self.planted = {}
-        for layer, module, rank in PLANTED:
-            name = f"encoder.layer.{layer}.{module}"
-            weight = self.teacher.get_submodule(name).weight
-            u, _ = torch.linalg.qr(torch.randn(weight.shape[0], rank, generator=generator))
-            v, _ = torch.linalg.qr(torch.randn(weight.shape[1], rank, generator=generator))
-            top = torch.linalg.matrix_norm(weight, ord=2)
-            weight.data += PLANTED_STRENGTH * top * (u @ v.T)
-            self.planted[name] = rank
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path())
+        self.teacher = self.base_model().eval().requires_grad_(False)
+        self.planted = self.plant(self.teacher)  # module -> rank: the oracle's ranks
         self.train = [self._encode(s) for s in sst2_sentences("train")[:8000]]
         self.dev = self.collate([self._encode(s) for s in sst2_sentences("dev")])
         with torch.no_grad():  # the teacher is fixed: its held-out targets are computed once
             self.dev_targets = [self.teacher(**batch).last_hidden_state for batch in self._dev_batches()]
+
+    def model_path(self) -> Any:
+        raise NotImplementedError
+
+    def plant(self, teacher) -> dict[str, int]:
+        """Add the changes to ``teacher``'s weights in place; return the changed modules and their ranks."""
+        raise NotImplementedError
 
     def _dev_batches(self) -> Iterator[dict]:
         for start in range(0, len(self.dev["input_ids"]), 128):
             yield {k: v[start : start + 128] for k, v in self.dev.items()}
 
     def _encode(self, text: str) -> dict:
-        return self.tokenizer(text, truncation=True, max_length=32)
+        return self.tokenizer(text, truncation=True, max_length=self.max_length)
 
     def collate(self, items: list[dict]) -> dict:
         return dict(self.tokenizer.pad(items, return_tensors="pt"))
-
-    def base_model(self):
-        from transformers import AutoModel
-
-        return AutoModel.from_pretrained(self.path)
-
-    def targets(self) -> list[str]:
-        return MINILM_TARGETS
 
     def loss(self, model, batch, target=None) -> Any:
         import torch
@@ -86,3 +85,75 @@ class PlantedTask(Task):
 
     def finish(self, metrics: dict, base_metrics: dict) -> dict:
         return with_gap_closed(metrics, base_metrics)
+
+
+def random_directions(weight, rank: int, generator) -> tuple[Any, Any]:
+    """Random orthonormal output and input directions ``U`` (``fan_out x rank``), ``V`` (``fan_in x rank``)."""
+    import torch
+
+    u, _ = torch.linalg.qr(torch.randn(weight.shape[0], rank, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(weight.shape[1], rank, generator=generator))
+    return u, v
+
+
+class PlantedTask(HiddenStateTask):
+    max_length = 32
+
+    def model_path(self) -> Any:
+        return models.resolve_model("minilm")
+
+    def plant(self, teacher) -> dict[str, int]:
+        import torch
+
+        generator = torch.Generator().manual_seed(1234)  # the task, not the run: fixed across seeds
+        planted = {}
+        for layer, module, rank in PLANTED:
+            name = f"encoder.layer.{layer}.{module}"
+            weight = teacher.get_submodule(name).weight
+            u, v = random_directions(weight, rank, generator)
+            top = torch.linalg.matrix_norm(weight, ord=2)
+            weight.data += PLANTED_STRENGTH * top * (u @ v.T)
+            planted[name] = rank
+        return planted
+
+    def base_model(self):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.model_path())
+
+    def targets(self) -> list[str]:
+        return MINILM_TARGETS
+
+
+class FamilyTask(HiddenStateTask):
+    max_length = 16  # short sentences keep a member's run at a few minutes
+
+    def __init__(self, suite: Suite):
+        self.member = family.member(suite.settings["member"])
+        super().__init__(suite)
+
+    def model_path(self) -> Any:
+        return models.resolve_model("minilm") if self.member.teacher == "minilm" else models.smollm2_path()
+
+    def plant(self, teacher) -> dict[str, int]:
+        import torch
+
+        generator = torch.Generator().manual_seed(10_000 + self.member.index)  # the member, not the run
+        for change in self.member.changes:
+            weight = teacher.get_submodule(change.module).weight
+            u, v = random_directions(weight, change.rank, generator)
+            top = torch.linalg.matrix_norm(weight, ord=2)
+            values = change.strength * top * change.decay ** torch.arange(change.rank, dtype=weight.dtype)
+            weight.data += (u * values) @ v.T
+        return self.member.oracle_ranks
+
+    def base_model(self):
+        from transformers import AutoModel
+
+        if self.member.teacher == "minilm":
+            return AutoModel.from_pretrained(self.model_path())
+        # SmolLM2's first decoder layers (the rest of the checkpoint is not loaded)
+        return AutoModel.from_pretrained(self.model_path(), num_hidden_layers=family.TEACHERS["smollm2"]["layers"])
+
+    def targets(self) -> list[str]:
+        return MINILM_TARGETS if self.member.teacher == "minilm" else LLAMA_TARGETS

@@ -1,0 +1,60 @@
+"""The benchmark's new-script rewritings and the planted family generator (pure parts, no model)."""
+
+from __future__ import annotations
+
+import string
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench import family  # noqa: E402
+from bench.suites import SUITES  # noqa: E402
+from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
+
+
+def test_the_cipher_is_a_fixed_letter_permutation_without_fixed_points():
+    cipher = letter_cipher()
+    lower = cipher(string.ascii_lowercase)
+    assert sorted(lower) == list(string.ascii_lowercase)  # a permutation: invertible
+    assert all(a != b for a, b in zip(string.ascii_lowercase, lower))
+    assert cipher(string.ascii_uppercase) == lower.upper()  # case kept
+    assert cipher("a1 ,.!?-'\n") == lower[0] + "1 ,.!?-'\n"  # only letters change
+    assert letter_cipher()("Hello") == cipher("Hello") != "Hello"  # the same in every run
+    assert letter_cipher(seed=1)("Hello") != cipher("Hello")
+
+
+def test_text_transforms_by_name():
+    assert without_spaces(" it 's  a\tfilm .") == "it'safilm."
+    assert text_transform("nospace")("a b") == "ab"
+    assert text_transform(None)("a b") == "a b"
+    with pytest.raises(SystemExit, match="unknown text transform 'rot13'"):
+        text_transform("rot13")
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_family_members_are_valid_ground_truths(index):
+    member = family.member(index)
+    costs = family.module_costs(member.teacher)
+    assert member == family.member(index)  # generated from the index alone
+    assert member.r in (2, 4) and member.changes
+    assert {c.module for c in member.changes} <= set(costs)
+    spread = len(member.changes) == len(costs)
+    for change in member.changes:
+        assert 1 <= change.rank <= (member.r if spread else family.MAX_R_FACTOR * member.r)
+        assert 0.2 <= change.strength <= 0.8 and 0.5 <= change.decay <= 1.0
+    # the oracle (exactly the changed modules at exactly their ranks) fits uniform LoRA's budget
+    assert sum(c.rank * costs[c.module] for c in member.changes) <= member.r * sum(costs.values())
+
+
+def test_family_roles_and_suites():
+    members = [family.member(i) for i in range(family.FAMILY_SIZE)]
+    for role in ("choose", "report"):
+        chosen = [m for m in members if m.role == role]
+        assert len(chosen) == family.FAMILY_SIZE // 2
+        assert {m.teacher for m in chosen} == {"minilm", "smollm2"}
+    suite = SUITES["family-03"]
+    assert suite.settings["member"] == 3 and suite.r == members[3].r and suite.lora_alpha == 2 * members[3].r
+    assert suite.max_r == family.MAX_R_FACTOR * suite.r and suite.min_r == 1
