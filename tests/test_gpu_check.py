@@ -156,3 +156,14 @@ def test_make_carry_writes_a_float16_copy_that_loads(tmp_path):
     assert (tmp_path / "carry" / "minilm" / "vocab.txt").is_file()
     texts, labels = gpu_check.read_sst2(tmp_path / "carry" / "glue", "train")
     assert len(texts) == 8 and set(labels) <= {0, 1}
+
+
+def test_finetune_is_sized_to_the_time_left(tmp_path):
+    """On the GPU the steps per run come from a timed probe: an epoch when it fits, else what the budget allows."""
+    plan = gpu_check.replace(gpu_check.TINY_PLAN, finetune_max_steps=None)
+    ctx = gpu_check.Context(plan, torch.device("cpu"), None, None, None, tmp_path)
+    train = gpu_check.Encoded([[1, 5, 7, 9]] * 400, [0, 1] * 200)  # an epoch is 50 steps of 8
+    roomy = gpu_check.size_finetune(ctx, train, 0, seconds=1e6, runs=4)
+    assert roomy["max_steps"] == roomy["epoch_steps"] == 50 and roomy["signal_steps"] == 10
+    tight = gpu_check.size_finetune(ctx, train, 0, seconds=10 * roomy["probe_step_s"], runs=4)
+    assert 1 <= tight["max_steps"] < 50 and tight["probe_step_s"] > 0

@@ -97,7 +97,8 @@ class GradientSketch:
         """
         if not self._step:
             return True
-        finite = bool(torch.stack([s.isfinite().all() for s in self._step]).all())
+        device = self._step[0].device  # layers of a model split across devices keep their sketches on theirs
+        finite = bool(torch.stack([s.isfinite().all().to(device) for s in self._step]).all())
         if finite:
             for total, step in zip(self._total, self._step):
                 total.add_(step, alpha=1.0 / scale)
