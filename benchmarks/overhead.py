@@ -874,8 +874,9 @@ def write_report(payload: dict, out_dir: Path) -> str:
     gpu = payload["meta"]["hardware"]["gpu"] is not None
     text = _header(payload, payload["records"]) + "\n\n"
     text += table(summary, payload["reallocation_s"], payload["large_reallocation"], gpu) + "\n"
-    if payload.get("one_offs"):
-        text += "\n" + one_off_lines(payload["one_offs"]) + "\n"
+    one_off_text = one_off_lines(payload.get("one_offs") or {})
+    if one_off_text:
+        text += "\n" + one_off_text + "\n"
     (out_dir / "results.md").write_text(text)
     return text
 
