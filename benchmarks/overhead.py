@@ -1,4 +1,4 @@
-"""Cost benchmark: step time and peak memory of adaptive LoRA against plain LoRA and PEFT AdaLoRA.
+"""Cost benchmark: step time and peak memory of adaptive LoRA against plain LoRA, PEFT AdaLoRA and PEFT EVA.
 
 A Llama-style decoder is built from a config (random weights: only time and memory are measured) and
 trained with ``transformers.Trainer`` on random tokens, with LoRA on every linear layer of every block.
@@ -8,7 +8,13 @@ Measured, all at the same adapter budget (LoRA rank ``r``; AdaLoRA ``init_r=1.5r
 * ``adaptive warmup``: adaptive LoRA while it collects its signals (``AdaptiveLoraCallback`` on);
 * ``adaptive after``: the same run after the in-place reallocation;
 * ``adalora``: PEFT AdaLoRA with ``update_and_allocate`` called every step;
+* ``eva``: PEFT EVA (``rho=2``) after its initialisation, whose time is reported apart;
 * the reallocation event itself (wall time of ``reallocate``, which the callback calls).
+
+``--engine loop`` measures the same configurations, plus ``base`` (the frozen base model's forward and backward,
+no adapter), in one process with a hand-written training loop, rounds interleaved and the base model built
+once (:func:`run_loop_engine`; ``benchmarks/gpu_check.py`` runs it on the GPU). ``--mode tiny`` is a shape for
+the test suite.
 
 Every configuration runs ``2 * (skip + measure)`` steps and is measured over the same two windows
 (``early``: steps ``skip+1 .. skip+measure``; ``late``: the last ``measure`` steps). Adaptive LoRA
@@ -22,16 +28,19 @@ baseline).
 
     python benchmarks/overhead.py --mode cpu      # a few minutes on 2 CPU cores
     python benchmarks/overhead.py --mode gpu      # 16 layers, hidden 2048, 8 x 512 tokens, bf16
+    python benchmarks/overhead.py --mode gpu --engine loop   # every method incl. the frozen base, one process
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +83,20 @@ SHAPES: dict[str, Shape] = {
         skip=5,
         measure=20,
     ),
+    # 2 x 7 = 14 modules: the test suite's shape (seconds on a CPU)
+    "tiny": Shape(
+        layers=2,
+        hidden=64,
+        intermediate=128,
+        heads=4,
+        kv_heads=2,
+        vocab=256,
+        batch=2,
+        seq=16,
+        dtype="float32",
+        skip=1,
+        measure=3,
+    ),
     # 16 x 7 = 112 modules; fills an 80-140 GB GPU with the optimizer state and activations
     "gpu": Shape(
         layers=16,
@@ -90,7 +113,14 @@ SHAPES: dict[str, Shape] = {
     ),
 }
 
-CONFIGS = ("lora", "adaptive", "adalora")
+CONFIGS = ("lora", "adaptive", "adalora", "eva")
+#: the in-process engine also measures the frozen base model (forward and backward through the activations only)
+LOOP_CONFIGS = ("base", *CONFIGS)
+#: EVA's ``rho`` (ranks redistributed up to ``rho * r``, same total) and its initialisation batches
+EVA_RHO = 2.0
+EVA_BATCHES = 4
+#: forward passes after which EVA's initialisation is given up (PEFT's own loop has no limit)
+EVA_MAX_FORWARDS = 200
 
 
 @dataclass
@@ -113,6 +143,8 @@ def phase_plan(config: str, shape: Shape) -> tuple[int, dict[str, tuple[int, int
     k, m = shape.skip, shape.measure
     early, late = (k + 1, k + m), (2 * k + m + 1, 2 * k + 2 * m)
     names = WINDOW_NAMES[config]
+    if len(names) == 1:  # the frozen base: one window
+        return k + m, {names[0]: early}
     return 2 * k + 2 * m, {names[0]: early, names[1]: late}
 
 
@@ -120,6 +152,8 @@ WINDOW_NAMES = {
     "lora": ("lora early", "lora late"),
     "adaptive": ("adaptive warmup", "adaptive after"),
     "adalora": ("adalora early", "adalora late"),
+    "eva": ("eva early", "eva late"),
+    "base": ("base",),
 }
 #: each measured phase and the LoRA window it is compared with
 REFERENCE = {
@@ -127,6 +161,9 @@ REFERENCE = {
     "adaptive after": "lora late",
     "adalora early": "lora early",
     "adalora late": "lora late",
+    "eva early": "lora early",
+    "eva late": "lora late",
+    "base": "lora early",
 }
 LIMITS = {"adaptive warmup": 1.02, "adaptive after": 1.00}
 
@@ -134,7 +171,8 @@ LIMITS = {"adaptive warmup": 1.02, "adaptive after": 1.00}
 # --- model and data (worker) ------------------------------------------------------------------------
 
 
-def build_base_model(shape: Shape, seed: int):
+def build_base_model(shape: Shape, seed: int, device: str | None = None):
+    """The Llama-style decoder of ``shape`` with random weights, on ``device`` (default: CUDA if available)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -148,7 +186,7 @@ def build_base_model(shape: Shape, seed: int):
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=max(2048, shape.seq),
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with torch.device(device):
         model = LlamaForCausalLM(config).to(getattr(torch, shape.dtype))
     return model
@@ -184,7 +222,54 @@ def wrap_model(model, config: str, spec: WorkerSpec, total_steps: int, warmup: i
             total_step=total_steps,
         )
         return get_peft_model(model, peft_config), [common.AdaLoraAllocateCallback()]
+    if config == "eva":
+        return eva_model(model, spec.r), []
     raise ValueError(config)
+
+
+def eva_model(model, r: int):
+    """``model`` with PEFT EVA adapters (``rho`` = :data:`EVA_RHO`), not yet initialised (see :func:`init_eva`)."""
+    from peft import EvaConfig, LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(rho=EVA_RHO)
+    )
+    return get_peft_model(model, config, low_cpu_mem_usage=True)
+
+
+class EvaNotConverged(RuntimeError):
+    """EVA's SVDs had not converged after the allowed number of forward passes."""
+
+
+def init_eva(model, batches: list[dict], max_forwards: int, state: dict | None = None) -> tuple[dict, dict]:
+    """PEFT's EVA initialisation on ``batches`` (cycled until its SVDs converge, as PEFT does), timed.
+
+    Returns the timing facts and EVA's state dict; given ``state`` (an earlier round's), only loads it (EVA's result
+    depends on the data and the base model, not on the round). PEFT loops until every layer's components converge,
+    with no limit; on random data that can take long, so after ``max_forwards`` forward passes it is stopped
+    (:class:`EvaNotConverged`; the adapters stay uninitialised).
+    """
+    from peft import get_eva_state_dict, initialize_lora_eva_weights
+
+    info: dict[str, Any] = {"eva_state_reused": state is not None}
+    if state is None:
+        forwards = []
+
+        def forward(model, inputs: dict):
+            if len(forwards) >= max_forwards:
+                raise EvaNotConverged(f"EVA did not converge within {max_forwards} forward passes")
+            forwards.append(1)
+            return model(**inputs)
+
+        common.synchronize()
+        start = time.perf_counter()
+        state = get_eva_state_dict(model, batches, forward_fn=forward, show_progress_bar=False)
+        initialize_lora_eva_weights(model, eva_state_dict=dict(state))  # PEFT pops the entries it loads
+        common.synchronize()
+        info.update(eva_init_s=time.perf_counter() - start, eva_forwards=len(forwards))
+    else:
+        initialize_lora_eva_weights(model, eva_state_dict=dict(state))  # PEFT pops the entries it loads
+    return info, state
 
 
 class RandomTokens:
@@ -284,6 +369,11 @@ def run_worker(spec_path: str) -> None:
     warmup = shape.skip + shape.measure
     model, callbacks = wrap_model(build_base_model(shape, spec.seed), spec.config, spec, total, warmup)
     realloc_times = time_reallocations(model.base_model) if spec.config == "adaptive" else []
+    eva = (
+        init_eva(model, eva_batches(shape, spec.seed, model.device), EVA_MAX_FORWARDS)[0]
+        if spec.config == "eva"
+        else {}
+    )
     timer, memory = common.StepTimer(), PhaseMemory(phases)
     start_params = common.allocated_adapter_params(model)
     trainer = Trainer(
@@ -306,6 +396,7 @@ def run_worker(spec_path: str) -> None:
         "adapter_params_effective_end": common.adapter_param_count(model),
         "reallocation_s": realloc_times,
         "ranks_end": common.adapter_ranks(model),
+        **eva,
     }
     common.write_json(Path(spec.result_path), record)
 
@@ -351,6 +442,223 @@ def run_realloc_worker(spec_path: str) -> None:
         "ranks_changed": sum(a != b for a, b in zip(report.ranks_before, report.ranks_after)),
     }
     common.write_json(Path(spec.result_path), record)
+
+
+# --- in-process engine: every configuration in one process, rounds interleaved (shared with gpu_check.py) ------
+
+
+def eva_batches(shape: Shape, seed: int, device) -> list[dict]:
+    """The fixed batches EVA's initialisation cycles through (causal LM: labels = inputs)."""
+    data = RandomTokens(EVA_BATCHES * shape.batch, shape.seq, shape.vocab, seed + 1)
+    return [
+        {k: v.to(device) for k, v in data[i * shape.batch : (i + 1) * shape.batch].items()} for i in range(EVA_BATCHES)
+    ]
+
+
+@dataclass
+class LoopMethod:
+    """One configuration wrapped for the hand-written loop: the model to train, its optimizer, its per-step call."""
+
+    model: Any
+    optimizer: Any
+    after_step: Any  # (step) -> reallocation report or None; called after optimizer.step(), before zero_grad()
+    info: dict = field(default_factory=dict)
+
+
+def wrap_for_loop(
+    base, config: str, shape: Shape, r: int, lr: float, seed: int, eva_max_forwards: int, eva_cache: dict
+) -> LoopMethod:
+    """Wrap ``base`` for ``config`` (same targets and budget as :func:`wrap_model`) with an AdamW optimizer.
+
+    ``eva_cache`` keeps EVA's state dict from the first round, so EVA's initialisation is computed (and timed) once.
+    """
+    import torch
+
+    torch.manual_seed(seed)  # the same adapter initialisation in every round
+    total, _ = phase_plan(config, shape)
+    if config == "base":
+        base.enable_input_require_grads()  # a backward through every layer, with no weight gradient
+        return LoopMethod(base, None, lambda step: None)
+    if config == "eva":
+        model = eva_model(base, r)
+        info = {"eva_converged": False}
+        if eva_cache.get("failed"):
+            return LoopMethod(model, None, lambda step: None, info)
+        try:
+            facts, eva_cache["state"] = init_eva(
+                model, eva_batches(shape, seed, base.device), eva_max_forwards, eva_cache.get("state")
+            )
+            info.update(facts, eva_converged=True)
+        except EvaNotConverged:
+            eva_cache["failed"] = True
+            info.update(eva_forwards=eva_max_forwards)
+    else:
+        spec = WorkerSpec(config, asdict(shape), r, lr, seed, "")
+        model, _ = wrap_model(base, config, spec, total, shape.skip + shape.measure)
+        info = {}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    tuner = model.base_model
+    if config == "adaptive":
+        tuner.start_signal_collection(seed=seed)  # before the first step, as AdaptiveLoraCallback does
+        return LoopMethod(model, optimizer, lambda step: tuner.update_and_allocate(step, optimizer, seed=seed), info)
+    if config == "adalora":
+        # PEFT's hand-loop example passes the 0-based index of the step just taken
+        return LoopMethod(model, optimizer, lambda step: tuner.update_and_allocate(step - 1), info)
+    return LoopMethod(model, optimizer, lambda step: None, info)
+
+
+def unwrap(method: LoopMethod, config: str):
+    """The base model back, with no adapter and no hook left (the next configuration wraps it again)."""
+    if config == "base":
+        method.model.disable_input_require_grads()
+        return method.model
+    return method.model.unload()
+
+
+def run_loop_config(
+    base,
+    config: str,
+    shape: Shape,
+    r: int,
+    lr: float,
+    seed: int,
+    eva_max_forwards: int = EVA_MAX_FORWARDS,
+    eva_cache: dict | None = None,
+):
+    """Train ``config`` on ``base`` for :func:`phase_plan`'s steps in this process; returns ``(record, base)``.
+
+    Step time runs from the forward to ``zero_grad`` (synchronised on a GPU), the per-step call (``update_and_allocate``)
+    included, except at the reallocation, whose time is recorded apart. Peak memory per window as in the Trainer
+    engine (:class:`common.ResourceMonitor`). bf16 shapes train under ``torch.autocast``, as ``Trainer(bf16=True)`` does.
+    """
+    import torch
+
+    device = base.device
+    total, phases = phase_plan(config, shape)
+    method = wrap_for_loop(base, config, shape, r, lr, seed, eva_max_forwards, {} if eva_cache is None else eva_cache)
+    record: dict[str, Any] = {"config": config, "phases": {}, **method.info}
+    if config == "eva" and not method.info["eva_converged"]:
+        unwrap(method, config)
+        return {**record, "skipped": method.info}, base
+    model, optimizer = method.model, method.optimizer
+    model.train()
+    record["adapted_modules"] = len(common.lora_layers(model))
+    record["adapter_params_start"] = common.allocated_adapter_params(model) if config != "base" else 0
+    data = RandomTokens(total * shape.batch, shape.seq, shape.vocab, seed)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if shape.dtype == "bfloat16" else contextlib.nullcontext()
+    )
+    times, calls, realloc, peaks, monitor = [], [], [], {}, None  # calls: per step, None at the reallocation
+    starts = {first: name for name, (first, _) in phases.items()}
+    ends = {last: name for name, (_, last) in phases.items()}
+    for step in range(1, total + 1):
+        batch = {k: v.to(device) for k, v in data[(step - 1) * shape.batch : step * shape.batch].items()}
+        if step in starts:
+            monitor = common.ResourceMonitor().__enter__()
+        common.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        common.synchronize()
+        call_start = time.perf_counter()
+        report = method.after_step(step)
+        common.synchronize()
+        call = time.perf_counter() - call_start
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+        common.synchronize()
+        elapsed = time.perf_counter() - start
+        if report is not None:
+            realloc.append(call)
+            elapsed -= call
+        calls.append(None if report is not None else call)
+        times.append(elapsed)
+        if step in ends and monitor is not None:
+            monitor.__exit__(None, None, None)
+            peaks[ends[step]] = monitor.result()
+            monitor = None
+    for name, (first, last) in phases.items():
+        window_calls = [c for c in calls[first - 1 : last] if c is not None]
+        record["phases"][name] = {
+            "steps": [first, last],
+            "step_times_s": times[first - 1 : last],
+            "per_step_call_s": statistics.median(window_calls) if window_calls else None,
+            **peaks[name],
+        }
+    record.update(
+        adapter_params_end=common.allocated_adapter_params(model) if config != "base" else 0,
+        adapter_params_effective_end=common.adapter_param_count(model) if config != "base" else 0,
+        reallocation_s=realloc,
+        ranks_end=common.adapter_ranks(model) if config != "base" else {},
+        final_loss=float(loss.detach()),
+    )
+    del optimizer, method.optimizer, loss
+    base = unwrap(method, config)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return record, base
+
+
+def run_loop_engine(
+    base,
+    shape: Shape,
+    configs,
+    rounds: int,
+    r: int,
+    lr: float,
+    seed: int,
+    progress=None,
+    eva_max_forwards: int = EVA_MAX_FORWARDS,
+) -> tuple[list[dict], Any]:
+    """Every configuration on the same base model, ``rounds`` times, configurations interleaved; returns the
+    records (the Trainer engine's format, plus each window's ``per_step_call_s`` and EVA's init facts) and the base
+    model (unwrapped again)."""
+    records, eva_cache = [], {}
+    for round_ in range(rounds):
+        for config in configs:
+            if progress is not None:
+                progress(f"{config} round {round_ + 1}/{rounds}")
+            record, base = run_loop_config(base, config, shape, r, lr, seed, eva_max_forwards, eva_cache)
+            records.append({**record, "round": round_})
+    return records, base
+
+
+def one_offs(records: list[dict]) -> dict[str, Any]:
+    """The one-off and per-step allocation costs next to the step times: our reallocation event, EVA's
+    initialisation, and the median time of each method's per-step call (``update_and_allocate``)."""
+
+    def values(config: str, key: str) -> list[float]:
+        return [r[key] for r in records if r["config"] == config and r.get(key) is not None]
+
+    def window_calls(phase: str) -> list[float]:
+        windows = [r["phases"].get(phase, {}) for r in records]
+        return [w["per_step_call_s"] for w in windows if w.get("per_step_call_s") is not None]
+
+    eva = [r for r in records if r["config"] == "eva"]
+    return {
+        "reallocation_s": [t for r in records for t in r.get("reallocation_s", [])],
+        "eva_init_s": values("eva", "eva_init_s"),
+        "eva_forwards": values("eva", "eva_forwards"),
+        "eva_converged": [bool(r.get("eva_converged")) for r in eva],
+        "eva_state_reused": any(r.get("eva_state_reused") for r in eva),
+        "adaptive_per_step_call_s": window_calls("adaptive warmup"),
+        "adalora_per_step_call_s": window_calls("adalora early"),
+    }
+
+
+def run_loop(args: argparse.Namespace, shape: Shape) -> list[dict]:
+    """``--engine loop``: build the base once and run every configuration in this process."""
+    base = build_base_model(shape, args.seed)
+    records, _ = run_loop_engine(
+        base, shape, args.configs, args.rounds, args.r, args.lr, args.seed, progress=lambda text: print(text)
+    )
+    return records
 
 
 # --- parent: plan, run, summarise ----------------------------------------------------------------------
@@ -481,7 +789,20 @@ def table(summary: dict[str, dict], realloc: list[float], large: dict | None, gp
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=list(SHAPES), default=None, help="default: gpu if CUDA is available, else cpu")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        choices=LOOP_CONFIGS,
+        default=None,
+        help=f"default: {' '.join(CONFIGS)} (with --engine loop also base); base needs --engine loop",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("trainer", "loop"),
+        default="trainer",
+        help="trainer: each run in a fresh process under transformers.Trainer; loop: every run in this process, "
+        "a hand-written loop, the base model built once",
+    )
     p.add_argument("--rounds", type=int, default=3, help="repeat every configuration this many times, interleaved")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -515,11 +836,15 @@ def main(argv: list[str] | None = None) -> None:
     shape = SHAPES[mode]
     overrides = {k: v for k, v in (("skip", args.skip), ("measure", args.measure)) if v is not None}
     shape = Shape(**{**asdict(shape), **overrides})
+    if args.configs is None:
+        args.configs = list(LOOP_CONFIGS if args.engine == "loop" else CONFIGS)
+    if args.engine == "trainer" and "base" in args.configs:
+        raise SystemExit("--configs base (the frozen base model) needs --engine loop")
     out_dir = args.out or common.RESULTS_DIR / f"overhead-{mode}-{common.timestamp()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     meta = common.run_metadata(argv)
-    records = run_configs(args, shape, out_dir)
+    records = run_loop(args, shape) if args.engine == "loop" else run_configs(args, shape, out_dir)
     large = (
         run_large_realloc(args, out_dir)
         if (args.large_realloc or (args.large_realloc is None and mode == "cpu"))
@@ -528,10 +853,12 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict[str, Any] = {
         "meta": meta,
         "mode": mode,
+        "engine": args.engine,
         "shape": asdict(shape),
         "r": args.r,
         "rounds": args.rounds,
         "reallocation_s": [t for r in records for t in r.get("reallocation_s", [])],
+        "one_offs": one_offs(records),
         "large_reallocation": large,
         "records": records,
         "wall_s": time.perf_counter() - started,
@@ -547,12 +874,45 @@ def write_report(payload: dict, out_dir: Path) -> str:
     gpu = payload["meta"]["hardware"]["gpu"] is not None
     text = _header(payload, payload["records"]) + "\n\n"
     text += table(summary, payload["reallocation_s"], payload["large_reallocation"], gpu) + "\n"
+    one_off_text = one_off_lines(payload.get("one_offs") or {})
+    if one_off_text:
+        text += "\n" + one_off_text + "\n"
     (out_dir / "results.md").write_text(text)
     return text
 
 
+def one_off_lines(costs: dict[str, Any]) -> str:
+    """EVA's initialisation and the per-step allocation calls, in words (medians over rounds)."""
+    lines = []
+    if costs.get("eva_init_s"):
+        times = ", ".join(f"{t:.2f} s" for t in costs["eva_init_s"])
+        forwards = ", ".join(str(n) for n in costs["eva_forwards"])
+        reuse = "; computed in the first round, later rounds load its result" if costs.get("eva_state_reused") else ""
+        lines.append(f"- EVA initialisation, apart from the steps: {times} ({forwards} forward passes{reuse})")
+    elif costs.get("eva_converged"):
+        lines.append(
+            "- EVA initialisation did not converge within the allowed forward passes: EVA's steps not measured"
+        )
+    for name, key in (
+        ("adaptive, signal steps", "adaptive_per_step_call_s"),
+        ("AdaLoRA, early", "adalora_per_step_call_s"),
+    ):
+        if costs.get(key):
+            lines.append(
+                f"- {name}: update_and_allocate takes a median {statistics.median(costs[key]) * 1e3:.2f} ms per step "
+                "(inside the step times above)"
+            )
+    return "\n".join(lines)
+
+
 def _header(payload: dict, records: list[dict]) -> str:
     meta, shape, hw = payload["meta"], payload["shape"], payload["meta"]["hardware"]
+    adapted = next((r["adapted_modules"] for r in records if r.get("adapted_modules")), 0)
+    engine = (
+        "one process, hand-written loop, the base model built once"
+        if payload.get("engine") == "loop"
+        else "each run in a fresh process under transformers.Trainer"
+    )
     return "\n".join(
         [
             f"# Overhead benchmark ({payload['mode']} mode)",
@@ -563,13 +923,14 @@ def _header(payload: dict, records: list[dict]) -> str:
             f"- Model: Llama-style decoder from a config, random weights: {shape['layers']} layers, hidden "
             f"{shape['hidden']}, intermediate {shape['intermediate']}, {shape['heads']} heads ({shape['kv_heads']} KV), "
             f"vocab {shape['vocab']}, {shape['dtype']}; batch {shape['batch']} x {shape['seq']} tokens",
-            f"- LoRA on {records[0]['adapted_modules']} modules (q,k,v,o,gate,up,down of every layer), r={payload['r']}; "
+            f"- LoRA on {adapted} modules (q,k,v,o,gate,up,down of every layer), r={payload['r']}; "
             f"AdaLoRA init_r={(3 * payload['r'] + 1) // 2} -> target_r={payload['r']}, update_and_allocate every step "
-            "(tinit = tfinal = the unmeasured steps, deltaT 10)",
+            "(tinit = tfinal = the unmeasured steps, deltaT 10); EVA rho=2 (init time apart); "
+            "base: the frozen model's forward and backward, no adapter",
             f"- Every configuration: {2 * (shape['skip'] + shape['measure'])} steps; measured windows: steps "
             f"{shape['skip'] + 1}-{shape['skip'] + shape['measure']} (early; adaptive: warmup) and the last "
             f"{shape['measure']} (late; adaptive: after reallocation); {payload['rounds']} rounds, configurations "
-            "interleaved, each run in a fresh process",
+            f"interleaved; engine: {engine}",
             f"- Total wall time: {payload['wall_s'] / 60:.1f} min",
         ]
     )

@@ -8,6 +8,7 @@ Conv1D, Embedding, Conv1d/2d/3d with ``groups == 1``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -68,14 +69,15 @@ def resize_factors(
         return FactorResize(new_A, new_B, ResizeKind.GROW)
 
     work = torch.float64 if A.device.type == "cpu" else torch.float32
-    q_b, r_b = torch.linalg.qr(B.to(work))  # B = Qb Rb
-    q_a, r_a = torch.linalg.qr(A.to(work).T)  # A^T = Qa Ra
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # B A = Qb (U S Vh) Qa^T
-    # B A has at most min(fan_out, fan_in, r) singular values; a narrow layer (e.g. a 2-label head) can
-    # have fewer than new_r, and the missing directions are then appended as in a grow.
-    keep = min(new_r, s.shape[0])
-    new_A = (vh[:keep] @ q_a.T) * row_scale.to(work) * math.sqrt(A.shape[1])
-    new_B = (q_b @ u[:, :keep]) * s[:keep] / (row_scale.to(work) * math.sqrt(A.shape[1]))
+    with autocast_disabled(A.device):  # under a caller's autocast the float32 products would run in bf16/fp16
+        q_b, r_b = torch.linalg.qr(B.to(work))  # B = Qb Rb
+        q_a, r_a = torch.linalg.qr(A.to(work).T)  # A^T = Qa Ra
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # B A = Qb (U S Vh) Qa^T
+        # B A has at most min(fan_out, fan_in, r) singular values; a narrow layer (e.g. a 2-label head) can
+        # have fewer than new_r, and the missing directions are then appended as in a grow.
+        keep = min(new_r, s.shape[0])
+        new_A = (vh[:keep] @ q_a.T) * row_scale.to(work) * math.sqrt(A.shape[1])
+        new_B = (q_b @ u[:, :keep]) * s[:keep] / (row_scale.to(work) * math.sqrt(A.shape[1]))
     new_A, new_B = _append_directions(new_A.to(A.dtype), new_B.to(B.dtype), new_r, row_scale, generator)
     return FactorResize(new_A, new_B, ResizeKind.SHRINK)
 
@@ -95,15 +97,26 @@ def _append_directions(
         return A, B
     rows = []
     if directions is not None and directions.numel():
-        given = directions[:missing].detach().to(device="cpu", dtype=torch.float32)
+        given = directions[:missing].detach().to(device=A.device, dtype=torch.float32)
         # unit rows -> the RMS of an entry is row_scale, like the random rows and the existing ones
         given = given / given.norm(dim=1, keepdim=True).clamp_min(1e-30) * math.sqrt(A.shape[1])
         rows.append(given)
     random_count = missing - sum(r.shape[0] for r in rows)
     if random_count:
-        rows.append(torch.randn(random_count, A.shape[1], generator=generator, device="cpu", dtype=torch.float32))
-    extra = (torch.cat(rows) * row_scale.cpu()).to(device=A.device, dtype=A.dtype)
+        # drawn on the CPU (the generator's device), so a seed gives the same rows on every device and process
+        drawn = torch.randn(random_count, A.shape[1], generator=generator, device="cpu", dtype=torch.float32)
+        rows.append(drawn.to(A.device))
+    extra = (torch.cat(rows) * row_scale.to(A.device)).to(A.dtype)
     return torch.cat([A, extra], dim=0), torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
+
+
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device``'s type: this package's maths chooses its own dtypes (float32/float64), and a
+    caller's autocast (a training step, backward included, inside ``torch.autocast``) would run its products in
+    bf16/fp16, or hand bf16 to linear algebra that has no bf16 kernels."""
+    if device.type not in ("cpu", "cuda", "xpu", "hpu", "mps"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def eckart_young_error(A: torch.Tensor, B: torch.Tensor, new_r: int) -> float:

@@ -107,7 +107,9 @@ class SignalCollector:
         """
         params = [p for layer in self.layers for p in lora_parameters(layer, self.adapter)]
         grads = [p.grad if p.grad is not None else torch.zeros((), device=self._grad_sum.device) for p in params]
-        norms = torch.stack(torch._foreach_norm(grads)).float().view(len(self.layers), 2)
+        # .to(): a model split across devices (device_map) has its layers' gradients on several devices
+        norms = torch.stack([n.to(self._grad_sum.device) for n in torch._foreach_norm(grads)])
+        norms = norms.float().view(len(self.layers), 2)
         sq = norms.pow(2).sum(dim=1)
         rms = (sq / self._numel).sqrt()
         # one non-finite gradient means the step is skipped (fp16 overflow): add nothing for any module

@@ -30,7 +30,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import layer as lora_layers
 
-from .resize import lora_factors
+from .resize import autocast_disabled, lora_factors
 
 
 def sketchable(layer: LoraLayer, adapter: str) -> bool:
@@ -62,10 +62,11 @@ class GradientSketch:
             layer = layers[name]
             A, B = lora_factors(layer, adapter)
             fan_out, fan_in = B.shape[0], A.shape[1]
-            psi = torch.randn(size, fan_out, generator=generator) / math.sqrt(size)
-            self._psi.append(psi.to(A.device))
-            self._total.append(torch.zeros(size, fan_in, device=A.device))
-            self._step.append(torch.zeros(size, fan_in, device=A.device))
+            # drawn on the CPU (the generator's device) so that a seed gives the same sketch on every device
+            psi = torch.randn(size, fan_out, generator=generator, dtype=torch.float32).to(A.device)
+            self._psi.append(psi / math.sqrt(size))
+            self._total.append(torch.zeros(size, fan_in, device=A.device, dtype=torch.float32))
+            self._step.append(torch.zeros(size, fan_in, device=A.device, dtype=torch.float32))
             self._handles.append(layer.register_forward_hook(self._make_hook(index)))
         self.steps = 0
 
@@ -85,7 +86,8 @@ class GradientSketch:
         psi = self._psi[index]
         d = grad.reshape(-1, grad.shape[-1]).to(psi.dtype)
         inputs = x.reshape(-1, x.shape[-1]).to(psi.dtype)
-        self._step[index].addmm_((d @ psi.T).T, inputs)
+        with autocast_disabled(psi.device):  # a backward run inside torch.autocast runs this hook under it
+            self._step[index].addmm_((d @ psi.T).T, inputs)
 
     @torch.no_grad()
     def record_step(self, scale: float = 1.0) -> bool:
@@ -95,7 +97,8 @@ class GradientSketch:
         """
         if not self._step:
             return True
-        finite = bool(torch.stack([s.isfinite().all() for s in self._step]).all())
+        device = self._step[0].device  # layers of a model split across devices keep their sketches on theirs
+        finite = bool(torch.stack([s.isfinite().all().to(device) for s in self._step]).all())
         if finite:
             for total, step in zip(self._total, self._step):
                 total.add_(step, alpha=1.0 / scale)

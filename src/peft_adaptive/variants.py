@@ -119,7 +119,8 @@ def _kasa_components(layer: LoraLayer, adapter: str, first: int, last: int) -> t
     snapshot = getattr(layer, KASA_REMOVED, {}).get(adapter)
     if snapshot is not None and last <= snapshot["us"].shape[1]:
         m = snapshot["us"].shape[1]
-        return snapshot["us"][:, m - last : m - first], snapshot["vh"][m - last : m - first]
+        device = layer.lora_diag[adapter].device  # the model may have moved (e.g. to a GPU) since injection
+        return snapshot["us"][:, m - last : m - first].to(device), snapshot["vh"][m - last : m - first].to(device)
     current = layer.r[adapter]
     if first < current:
         raise RuntimeError(
@@ -138,7 +139,7 @@ def _kasa_components(layer: LoraLayer, adapter: str, first: int, last: int) -> t
 def _set_base(layer: LoraLayer, change: torch.Tensor) -> None:
     """Add ``change`` (a ``[fan_out, fan_in]`` float64 matrix) to the frozen base weight in place."""
     weight = layer.get_base_layer().weight
-    weight.data = (weight.data.double() + change).to(weight.dtype)
+    weight.data = (weight.data.double() + change.to(weight.device)).to(weight.dtype)
 
 
 def resize_kasa(layer, adapter, new_r, generator=None, directions=None):
@@ -182,7 +183,7 @@ def resize_kasa(layer, adapter, new_r, generator=None, directions=None):
             new_d = s[:keep] / scaling
             if keep < new_r:  # fewer non-zero directions than the rank: pad like a grow (B zero columns)
                 extra = new_r - keep
-                rand = torch.randn(extra, fan_in, generator=generator, dtype=torch.float32).double()
+                rand = torch.randn(extra, fan_in, generator=generator, dtype=torch.float32).to(new_A.device).double()
                 new_A = torch.cat([new_A, rand / rand.norm(dim=1, keepdim=True)])
                 new_B = torch.cat([new_B, new_B.new_zeros(fan_out, extra)], dim=1)
                 new_d = torch.cat([new_d, new_d.new_ones(extra)])
