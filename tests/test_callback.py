@@ -151,14 +151,17 @@ def test_training_options(tmp_path, overrides):
 
 
 def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
+    """The reallocation changes the adapter's shapes, so the compiled graphs that hold it recompile, once: at most
+    one new graph per graph compiled before it, and none in the steps after (the count depends on how many graphs
+    the model compiles to, which changes between transformers releases)."""
     from torch._dynamo.utils import counters
 
     class GraphCount(TrainerCallback):
-        before = None
+        def __init__(self):
+            self.counts: dict[int, int] = {}  # graphs compiled before each step, by global_step
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == WARMUP:
-                self.before = counters["stats"]["unique_graphs"]
+            self.counts[state.global_step] = counters["stats"]["unique_graphs"]
 
     torch._dynamo.reset()
     counters.clear()
@@ -168,8 +171,10 @@ def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
     assert adaptive.reallocation_step == WARMUP
     assert probe.optimizer_matches_model == [True] * 8
-    assert graphs.before >= 1
-    assert counters["stats"]["unique_graphs"] == 2 * graphs.before
+    before, after = graphs.counts[WARMUP], graphs.counts[WARMUP + 1]
+    assert before >= 1
+    assert before < after <= 2 * before  # the first step on the new shapes recompiled, at most once per graph
+    assert counters["stats"]["unique_graphs"] == after  # and nothing recompiled after it
 
 
 def test_encoder_classifier_with_modules_to_save(tmp_path):
