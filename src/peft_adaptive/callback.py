@@ -91,6 +91,7 @@ class AdaptiveLoraCallback(TrainerCallback):
         _refuse_duplicates(self)
         self._tuner = _adaptive_tuner(kwargs["model"])
         self.adapter_name = self._tuner._resolve_adapter(self.adapter_name)
+        self._tuner._leave_signal_start_to_caller()  # the callback starts the signals itself (or restores them)
         _refuse_sharded_backends(self._trainer, args)
         signal_steps = self.config.signal_steps
         resumed = self._restore(args, state)
