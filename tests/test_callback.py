@@ -169,7 +169,8 @@ def test_torch_compile_recompiles_once_per_reallocation(tmp_path):
     assert adaptive.reallocation_step == WARMUP
     assert probe.optimizer_matches_model == [True] * 8
     assert graphs.before >= 1
-    assert counters["stats"]["unique_graphs"] == 2 * graphs.before
+    # one more graph for the new adapter shapes (torch 2.13 compiles two graphs in the first step already)
+    assert counters["stats"]["unique_graphs"] == graphs.before + 1
 
 
 def test_encoder_classifier_with_modules_to_save(tmp_path):
