@@ -94,6 +94,14 @@ def test_only_the_active_trainable_adapter_starts():
     assert frozen.base_model._signal_collectors == {}
 
 
+def test_ranks_set_by_hand_start_nothing():
+    model = adaptive_model(max_r=12, signal_steps=SIGNAL_STEPS)
+    model.base_model.resize_adapter({name: 2 for name in model.base_model.ranks()})
+    assert not hook_installed(model)
+    model(**batches(1)[0]).loss.backward()
+    assert model.base_model._signal_collectors == {}
+
+
 def test_an_inference_adapter_and_a_reallocated_one_install_no_hook():
     frozen = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))
     done = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=4, target_modules=["q_proj"], reallocation_step=5))

@@ -517,9 +517,11 @@ class AdaptiveLoraModel(LoraModel):
         adapter uses it) and drops it from ``target_modules``. ``directions`` (by module) are the input
         directions growing modules give their new rows of ``A`` (random otherwise). ``initialise=True``
         re-initialises untrained adapters (``B == 0``) instead, ``A`` from ``directions`` (calibration).
-        Returns the names of the removed modules.
+        Returns the names of the removed modules. Ranks set by hand replace the automatic start of the signals at
+        the first training forward (:meth:`start_signal_collection` still starts them).
         """
         adapter_name = self._resolve_adapter(adapter_name)
+        self._forget_forward_start(adapter_name)
         modules = self.adapted_modules(adapter_name)
         unknown = sorted(set(ranks) - set(modules))
         if unknown:
