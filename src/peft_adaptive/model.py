@@ -23,6 +23,7 @@ from .resize import (
     initialise_lora_layer,
     layer_adapter_parameters,
     lora_factors,
+    lora_parameters,
     resize_lora_layer,
 )
 from .scores import score_and_allocate, trackers_for
@@ -317,7 +318,9 @@ class AdaptiveLoraModel(LoraModel):
                 self._started_by_forward.add(name)
 
     def _lora_parameters(self, adapter_name: str) -> list[torch.nn.Parameter]:
-        return [p for layer in self.adapted_modules(adapter_name).values() for p in lora_factors(layer, adapter_name)]
+        return [
+            p for layer in self.adapted_modules(adapter_name).values() for p in lora_parameters(layer, adapter_name)
+        ]
 
     # --- signals ------------------------------------------------------------------------------------
 
