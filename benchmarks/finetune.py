@@ -7,7 +7,9 @@ Runs offline on a CPU with MiniLM from its PyPI wheel and the GLUE files in ``..
     HF_HUB_OFFLINE=1 python benchmarks/finetune.py --task sst2
 
 Online, ``--model`` takes any hub id and the data come from the hub when no GLUE directory is found.
-Writes the adapter (PEFT format), the rank heatmap and ``summary.json`` to ``--output-dir``.
+Writes the adapter (PEFT format), the rank heatmap and ``summary.json`` to ``--output-dir``. Prints the progress,
+the per-module allocation at the reallocation, and at the end the rank table, the dev metric and where the adapter
+was saved.
 """
 
 from __future__ import annotations
@@ -17,11 +19,25 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.data import TASKS, default_glue_dir, load_split, take_subset  # noqa: E402  (shared with glue.py)
+
+def quiet_third_party_noise() -> None:
+    """Silence, narrowly, third-party messages about things this job does not use or cannot change."""
+    # With bitsandbytes installed (the test extra), importing transformers loads it; it looks for its CPU 4-bit kernel
+    # and, offline, logs two warnings (bitsandbytes, and the `kernels` hub client) about a kernel this job never uses.
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # peft 0.21's get_peft_model reads `model.is_gradient_checkpointing`, which transformers 5.x deprecates.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+quiet_third_party_noise()  # before the imports below, which load transformers (and, through it, bitsandbytes)
+
+from bench.data import TASKS, default_glue_dir, load_split, take_subset  # noqa: E402
 from bench.metrics import compute_metrics  # noqa: E402
 from bench.models import resolve_model  # noqa: E402
 
@@ -71,15 +87,73 @@ def tokenized(rows: dict[str, list], tokenizer, task: str):
     ).rename_column("label", "labels")
 
 
+def show_allocation_log() -> None:
+    """The per-module rank table the plugin logs at the reallocation (logger ``peft_adaptive``, level INFO)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("\n%(message)s\n"))
+    logger = logging.getLogger("peft_adaptive")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False  # printed once, whatever the root logger is set up to do
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+class _HideLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT warning, so that :func:`load_classifier` can decide what to show."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+def load_classifier(model_path: str, num_labels: int):
+    """The pretrained encoder with a new classification head, said in one line instead of a warning table.
+
+    transformers warns (a LOAD REPORT table) about every weight the checkpoint lacks; for a sentence encoder that is
+    the classification head, which is new by design and trained with the adapter (PEFT's ``modules_to_save`` for
+    ``SEQ_CLS``). Anything else missing, unexpected or resized is still shown in full.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logger, report = hf_logging.get_logger("transformers.modeling_utils"), _HideLoadReport()
+    hf_logger.addFilter(report)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=num_labels, output_loading_info=True
+        )
+    finally:
+        hf_logger.removeFilter(report)
+    head = sorted(k for k in info["missing_keys"] if k.split(".")[0] in ("classifier", "score"))
+    if set(info["missing_keys"]) - set(head) or info["unexpected_keys"] or info["mismatched_keys"]:
+        for record in report.held:
+            hf_logger.handle(record)
+    elif head:
+        print(f"new classification head ({', '.join(head)}): initialised randomly, trained with the adapter")
+    return model
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    show_allocation_log()
     import numpy as np
     from peft import get_peft_model
     from transformers import (
-        AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
+        ProgressCallback,
         Trainer,
         TrainingArguments,
         set_seed,
@@ -99,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
+    model = load_classifier(model_path, task.num_labels)
     if task.num_labels == 1:
         model.config.problem_type = "regression"
     config = AdaptiveLoraConfig(
@@ -136,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
         report_to=[],
         seed=args.seed,
+        dataloader_pin_memory=has_accelerator(),  # pinned memory only speeds up copies to an accelerator
     )
     trainer = Trainer(
         model=model,
@@ -146,14 +221,24 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=metrics,
         callbacks=[AdaptiveLoraCallback()],  # the one line that makes the ranks adaptive
     )
+    # The progress bar prints every log; the callback's per-module rank/score entries (for TensorBoard/W&B) would
+    # make one 5,000-character line there, and the plugin's logger already printed them as a table.
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_without_module_logs())
+    print(
+        f"training {args.max_steps} steps: {args.signal_steps} signal steps at rank {args.r}, then the ranks are "
+        "reallocated in place (the per-module table is printed then)"
+    )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
+    print(f"evaluating on {len(dev_rows['label'])} dev rows")
     evaluation = trainer.evaluate()
 
     adapter_dir = args.output_dir / "adapter"
     model.save_pretrained(adapter_dir)
     summary_of_adapter = inspect_adapter(adapter_dir)
+    print()
     print(summary_of_adapter)
     plot_ranks(adapter_dir, args.output_dir / "ranks.png")
     summary = {
@@ -173,11 +258,29 @@ def main(argv: list[str] | None = None) -> dict:
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     main_metric = f"eval_{task.main_metric}"
     print(
-        f"\n{args.task} {task.main_metric}: {evaluation.get(main_metric, float('nan')):.4f} "
-        f"after {args.max_steps} steps ({train_seconds:.0f} s); adapter params {summary['adapter_params']} "
-        f"of a budget of {summary['budget']}; adapter saved to {adapter_dir}"
+        f"\n{args.task} dev {task.main_metric}: {evaluation.get(main_metric, float('nan')):.4f} after "
+        f"{args.max_steps} steps ({train_seconds:.0f} s of training); adapter parameters {summary['adapter_params']:,} "
+        f"of a budget of {summary['budget']:,}\n"
+        f"adapter saved to {adapter_dir} (plain PEFT LoRA); rank heatmap {args.output_dir / 'ranks.png'}, "
+        f"summary {args.output_dir / 'summary.json'}"
     )
     return summary
+
+
+def _module_entry(key: str) -> bool:
+    return key.startswith(("adaptive_lora/rank/", "adaptive_lora/score/"))
+
+
+def progress_without_module_logs():
+    """transformers' ``ProgressCallback``, printing the logs without the per-module ``adaptive_lora/*`` entries."""
+    from transformers import ProgressCallback
+
+    class ProgressWithoutModuleLogs(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = {k: v for k, v in (logs or {}).items() if not _module_entry(k)}
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return ProgressWithoutModuleLogs()
 
 
 if __name__ == "__main__":

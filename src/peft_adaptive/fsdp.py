@@ -57,7 +57,7 @@ def check_trainer_resync(trainer: Any) -> None:
         raise RuntimeError(
             "this transformers Trainer trains a model sharded at load time (distributed_config) but has no "
             "_sync_replicated_trainable_parameters, which adaptive LoRA needs to synchronise the resized adapter: "
-            "use the hand-written loop with peft_adaptive.fsdp.shard_base_model (README, Distributed training)"
+            "use the hand-written loop with peft_adaptive.fsdp.shard_base_model (docs/distributed.md)"
         )
 
 
@@ -92,7 +92,7 @@ def check_adapter_unsharded(model: nn.Module) -> None:
     raise RuntimeError(
         f"the LoRA adapter is sharded by {backend}, so it cannot be resized in place. Shard only the base model "
         "and keep the adapter replicated: peft_adaptive.fsdp.shard_base_model(peft_model) instead of fully_shard "
-        "(see the README, Distributed training)."
+        "(see docs/distributed.md)."
     )
 
 

@@ -23,6 +23,7 @@ from .resize import (
     initialise_lora_layer,
     layer_adapter_parameters,
     lora_factors,
+    lora_parameters,
     resize_lora_layer,
 )
 from .scores import get_score
@@ -76,7 +77,8 @@ class AdaptiveLoraModel(LoraModel):
 
     * :meth:`update_and_allocate`: the one call per optimizer step for hand-written loops (what
       ``AdaptiveLoraCallback`` calls for a ``Trainer``): it collects the signals and reallocates at step
-      ``signal_steps``;
+      ``signal_steps``. The collection itself starts at the first forward in training mode (a forward pre-hook
+      on the base model, removed once it has fired);
     * :meth:`start_signal_collection` / :meth:`record_gradients`: collect the signals step by step;
     * :meth:`reallocate`: score, allocate and resize now, updating an optimizer if given;
     * :meth:`resize_adapter`: resize to explicit ranks.
@@ -87,6 +89,9 @@ class AdaptiveLoraModel(LoraModel):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs):
         self._signal_collectors: dict[str, SignalCollector] = {}
         self._signal_steps_seen: dict[str, int] = {}  # the last global_step update_and_allocate saw, per adapter
+        self._waiting_for_forward: set[str] = set()  # adapters whose signals start at the first training forward
+        self._started_by_forward: set[str] = set()  # ... started there, not yet seen by update_and_allocate
+        self._forward_start_hook: torch.utils.hooks.RemovableHandle | None = None
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
@@ -95,6 +100,8 @@ class AdaptiveLoraModel(LoraModel):
         config = self.peft_config[adapter_name]
         if isinstance(config, AdaptiveLoraConfig) and not config.inference_mode:
             self._check_budget(adapter_name)
+            if config.reallocation_step is None:
+                self._start_signals_at_first_forward(adapter_name)
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         # KaSA truncates the base weight at injection; keep what a later shrink needs to undo part of it
@@ -176,11 +183,12 @@ class AdaptiveLoraModel(LoraModel):
             model.base_model.update_and_allocate(global_step, optimizer)
             optimizer.zero_grad()
 
-        It owns the whole schedule: it starts the signal collection if it was not started, records the step's
-        gradients while ``global_step <= signal_steps``, and at ``global_step == signal_steps`` reallocates the
-        ranks in place (:meth:`reallocate`, updating ``optimizer``) and returns the :class:`AllocationReport`.
-        Every other call returns None; after the reallocation, or when the adapter was already reallocated or
-        calibrated (``config.reallocation_step`` is set), it does nothing.
+        It owns the whole schedule: the signal collection has started by itself at the first forward in
+        training mode (``model.train()``, gradients enabled), before the first step's backward; the call
+        records the step's gradients while ``global_step <= signal_steps``, and at ``global_step ==
+        signal_steps`` reallocates the ranks in place (:meth:`reallocate`, updating ``optimizer``) and returns
+        the :class:`AllocationReport`. Every other call returns None; after the reallocation, or when the
+        adapter was already reallocated or calibrated (``config.reallocation_step`` is set), it does nothing.
 
         Args:
             global_step: optimizer steps done, counting this one (1 at the first call, like
@@ -191,18 +199,20 @@ class AdaptiveLoraModel(LoraModel):
             loss_scale: the loss scale the step's backward ran with, if the loss was scaled (a ``GradScaler``:
                 ``scaler.get_scale()`` read before ``scaler.update()``), else 1. Only the gradient sketch of
                 ``growth="gradient"`` and the sketch scores needs it; the factor gradients must be unscaled.
-            seed: seeds the gradient sketch (when the collection starts here) and the random rows growing modules
-                get (:meth:`reallocate`'s ``seed``); the same on every process.
+            seed: seeds the random rows growing modules get (:meth:`reallocate`'s ``seed``), and the gradient
+                sketch when the collection starts in this call; the same on every process. The collection started
+                at the first training forward seeds its sketch with 0, as ``start_signal_collection()`` does.
             wrapper: the ``DistributedDataParallel`` wrapper around this model (or an accelerate-prepared /
                 ``torch.compile``-d model): re-initialised in place after the reallocation so that the new
                 parameters are synchronised (see :mod:`peft_adaptive.distributed`). Anything that is not DDP
                 is ignored: under FSDP2 with :func:`peft_adaptive.fsdp.shard_base_model` the adapter is not
                 sharded and its gradients are averaged by a hook that follows the new parameters by itself.
 
-        The collection records what the configured score needs. When that is more than gradient norms (the
-        weight delta, ``delta_weight > 0``; the gradient sketch, ``growth="gradient"`` or a sketch score), call
-        :meth:`start_signal_collection` before the first training step: started here, after the first
-        step, the snapshot and the sketch miss that step (a warning says so).
+        The collection records what the configured score needs; the weight delta (``delta_weight > 0``) and the
+        gradient sketch (``growth="gradient"``, the sketch scores) must see the first step, which is why it starts
+        at the first training forward. If no forward ran in training mode (a model left in ``eval()``), it starts
+        here, after the first step, and misses that step's snapshot and sketch (a warning says so). Call
+        :meth:`start_signal_collection` yourself for another sketch seed or your own schedule.
         """
         adapter_name = self._resolve_adapter(adapter_name)
         if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 1:
@@ -218,13 +228,24 @@ class AdaptiveLoraModel(LoraModel):
                 "(gradient accumulation): call it once per optimizer step, inside `if accelerator.sync_gradients:` "
                 "after optimizer.step()"
             )
+        self._forget_forward_start(adapter_name)  # the schedule is under way: nothing left to start at a forward
         collecting = adapter_name in self._signal_collectors
+        started_by_forward = adapter_name in self._started_by_forward
+        self._started_by_forward.discard(adapter_name)
+        if started_by_forward and global_step > config.signal_steps:
+            self._close_collector(adapter_name)  # a loop resumed after the signal steps: nothing to collect
+            collecting = False
         if not collecting:
             if global_step > config.signal_steps:
                 return None
             _distributed.check_ddp(wrapper)
             check_adapter_unsharded(self.model)
             self._start_late(adapter_name, global_step, seed)
+        elif started_by_forward:
+            _distributed.check_ddp(wrapper)
+            check_adapter_unsharded(self.model)
+            if global_step > 1:
+                _warn_missed_steps(adapter_name, global_step, [f"the gradients of steps 1..{global_step - 1}"], 3)
         last = self._signal_steps_seen.get(adapter_name)
         if last is not None and global_step <= last:
             raise ValueError(
@@ -252,12 +273,54 @@ class AdaptiveLoraModel(LoraModel):
         if collector.sketch is not None and collector.sketch.names:
             missed.append(f"the gradient sketch of step {global_step}")
         if missed:
-            warnings.warn(
-                f"adaptive LoRA: the signal collection of adapter {adapter_name!r} started in update_and_allocate at "
-                f"step {global_step}, so it misses {' and '.join(missed)}. Call "
-                "model.base_model.start_signal_collection() before the first training step.",
-                stacklevel=3,
-            )
+            _warn_missed_steps(adapter_name, global_step, missed, 4)
+
+    # --- starting the signals at the first training forward ---------------------------------------
+
+    def _start_signals_at_first_forward(self, adapter_name: str) -> None:
+        """Start ``adapter_name``'s signal collection at the next forward in training mode, before its backward."""
+        self._waiting_for_forward.add(adapter_name)
+        if self._forward_start_hook is None:
+            self._forward_start_hook = self.model.register_forward_pre_hook(self._start_signals_on_forward)
+
+    def _forget_forward_start(self, adapter_name: str | None = None) -> None:
+        """Start nothing at a forward for ``adapter_name`` (every adapter if None); the hook goes with the last one."""
+        if adapter_name is None:
+            self._waiting_for_forward.clear()
+        else:
+            self._waiting_for_forward.discard(adapter_name)
+        if not self._waiting_for_forward and self._forward_start_hook is not None:
+            self._forward_start_hook.remove()
+            self._forward_start_hook = None
+
+    def _leave_signal_start_to_caller(self) -> None:
+        """For ``AdaptiveLoraCallback``, which starts (or, on resume, restores) the signals itself: start nothing at a
+        forward, and close a collection that a forward before training started."""
+        self._forget_forward_start()
+        for name in list(self._started_by_forward):
+            self._close_collector(name)
+
+    @torch.compiler.disable  # runs once, eagerly; under torch.compile a graph break there instead of a traced hook
+    def _start_signals_on_forward(self, module: torch.nn.Module, args: tuple) -> None:
+        """Forward pre-hook: at the first forward in training mode with gradients, start the signals of the active
+        adapters that wait for it (what ``start_signal_collection()`` before the first step does), then remove
+        itself. Adapters trained later, or an adapter sharded by FSDP (refused by ``update_and_allocate``), start
+        in ``update_and_allocate`` instead."""
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        waiting = [name for name in self.active_adapters if name in self._waiting_for_forward]
+        self._forget_forward_start()
+        if not waiting or _adapter_sharded(self.model):
+            return
+        for name in waiting:
+            if any(p.requires_grad for p in self._lora_parameters(name)):
+                self.start_signal_collection(name)
+                self._started_by_forward.add(name)
+
+    def _lora_parameters(self, adapter_name: str) -> list[torch.nn.Parameter]:
+        return [
+            p for layer in self.adapted_modules(adapter_name).values() for p in lora_parameters(layer, adapter_name)
+        ]
 
     # --- signals ------------------------------------------------------------------------------------
 
@@ -302,6 +365,9 @@ class AdaptiveLoraModel(LoraModel):
         self._signal_collectors[adapter_name].record_gradients(scale)
 
     def _close_collector(self, adapter_name: str) -> None:
+        # called when a collection starts or ends: either way nothing is left to start at the first training forward
+        self._forget_forward_start(adapter_name)
+        self._started_by_forward.discard(adapter_name)
         self._signal_steps_seen.pop(adapter_name, None)
         collector = self._signal_collectors.pop(adapter_name, None)
         if collector is not None:
@@ -439,9 +505,11 @@ class AdaptiveLoraModel(LoraModel):
         adapter uses it) and drops it from ``target_modules``. ``directions`` (by module) are the input
         directions growing modules give their new rows of ``A`` (random otherwise). ``initialise=True``
         re-initialises untrained adapters (``B == 0``) instead, ``A`` from ``directions`` (calibration).
-        Returns the names of the removed modules.
+        Returns the names of the removed modules. Ranks set by hand replace the automatic start of the signals at
+        the first training forward (:meth:`start_signal_collection` still starts them).
         """
         adapter_name = self._resolve_adapter(adapter_name)
+        self._forget_forward_start(adapter_name)
         modules = self.adapted_modules(adapter_name)
         unknown = sorted(set(ranks) - set(modules))
         if unknown:
@@ -570,6 +638,25 @@ def _saved_ranks(tuner: AdaptiveLoraModel, adapter_name: str, state_dict: dict) 
                 if key in state_dict:
                     ranks[name] = state_dict[key].shape[0]
     return ranks
+
+
+def _warn_missed_steps(adapter_name: str, global_step: int, missed: list[str], stacklevel: int) -> None:
+    """Warn (at the caller of ``update_and_allocate``, ``stacklevel`` frames up) what the signals missed."""
+    warnings.warn(
+        f"adaptive LoRA: update_and_allocate was first called for adapter {adapter_name!r} at step {global_step}, so "
+        f"the signal collection misses {' and '.join(missed)}. Call it once per optimizer step from step 1; the "
+        "collection starts by itself at the first forward in training mode (model.train()), or call "
+        "model.base_model.start_signal_collection() before the first training step.",
+        stacklevel=stacklevel,
+    )
+
+
+def _adapter_sharded(model: torch.nn.Module) -> bool:
+    try:
+        check_adapter_unsharded(model)
+    except RuntimeError:
+        return True
+    return False
 
 
 def _untrained(layer: LoraLayer, adapter_name: str) -> bool:

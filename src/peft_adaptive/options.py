@@ -3,8 +3,9 @@
 :data:`LORA_OPTIONS` has one entry per field of PEFT's ``LoraConfig`` and :data:`INIT_LORA_WEIGHTS` one per value
 of ``init_lora_weights``. :func:`check_lora_options` (called by ``AdaptiveLoraConfig`` validation, so at
 ``get_peft_model`` at the latest) raises a ``ValueError`` that names the option and says why for every refused
-value, and for a field this table does not know (a newer PEFT) set to anything but its default. The README's
-option table is written from these entries; ``tests/test_options.py`` fails on a field that is in neither.
+value, and for a field this table does not know (a newer PEFT) set to anything but its default. The option table
+of ``docs/configuration.md`` is these entries (``tests/test_docs.py`` checks it row by row);
+``tests/test_options.py`` fails on a field that is in neither.
 """
 
 from __future__ import annotations
