@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from .tiny_models import VOCAB, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -18,22 +20,7 @@ from bench.methods import SHIPPED_DEFAULT, build, parse_method  # noqa: E402
 from bench.suites import Suite  # noqa: E402
 from bench.tasks import Task  # noqa: E402
 
-VOCAB = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # every one costs 32 + 32 per rank: ranks budget = params budget
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
 
 
 class TinyTask(Task):
@@ -50,7 +37,7 @@ class TinyTask(Task):
         return torch.stack(items)
 
     def base_model(self) -> LlamaForCausalLM:
-        return tiny_llama()
+        return tiny_llama(kv_heads=4)
 
     def targets(self) -> list[str]:
         return TARGETS
