@@ -66,6 +66,19 @@ def test_learning_rates_and_grid_names():
     assert SHIPPED_DEFAULT == "warm-gradient_spectrum-random+max2r"
 
 
+def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
+    from bench.peers import refuse_unfit
+    from bench.tasks import suite_model
+
+    assert [suite_model(SUITES[s]) for s in ("planted", "glue-sst2", "distill-pinv")] == ["minilm"] * 3
+    assert [suite_model(SUITES[s]) for s in ("clm-wiki", "clm-cipher", "family-01")] == ["smollm2"] * 3
+    assert suite_model(SUITES["family-00"]) == "minilm"
+    refuse_unfit(parse_method("full"), "glue-sst2", "minilm")
+    refuse_unfit(parse_method("adalora"), "clm-wiki", "smollm2")
+    with pytest.raises(SystemExit, match="full fine-tuning runs on the MiniLM suites only, not on clm-wiki"):
+        refuse_unfit(parse_method("full+lr2x"), "clm-wiki", "smollm2")
+
+
 @pytest.mark.parametrize(
     "name, message",
     [
@@ -343,7 +356,7 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
         f"| report | {SHIPPED_DEFAULT} | 0.50 ± 3.18 | 2 | 0/2 |",  # shares 0.25 and 0.75
     ]
     costs = section(text, "Cost (CPU, from the runs)")
-    assert "| planted | adalora | 3 | 2.00× (2.00..2.00) | 2.00× (2.00..2.00) | 1.50× (1.50..1.50) | AdaLoRA allocation 1.0 |" in costs  # fmt: skip
+    assert "| planted | adalora | 3 | 2.00× (2.00..2.00) | 2.00× (2.00..2.00) | 1.50× (1.50..1.50) | AdaLoRA allocation 1.00 |" in costs  # fmt: skip
 
 
 def test_report_without_new_methods_renders_dashes(results_tree):

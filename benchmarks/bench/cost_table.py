@@ -63,7 +63,7 @@ def cost_rows(name: str, results: Results) -> list[list[str]]:
             lora_step = statistics.median(ref["cost"]["step_seconds"])
             for kind, seconds in one_off_seconds(run).items():
                 one_offs.setdefault(kind, []).append(seconds / lora_step)
-        once = "; ".join(f"{kind} {statistics.median(v):.1f}" for kind, v in one_offs.items()) or "–"
+        once = "; ".join(f"{kind} {statistics.median(v):.2f}" for kind, v in one_offs.items()) or "–"
         rows.append([name, method, str(len(pairs)), ratio_cell(during), ratio_cell(after), ratio_cell(memory), once])
     return rows
 

@@ -42,14 +42,16 @@ ADALORA_DELTA_T = 10
 ADALORA_FINAL_SHARE = 0.2  # tfinal as a share of the steps
 
 
+def refuse_unfit(method: Method, suite_name: str, model_name: str) -> None:
+    """SystemExit where a method cannot run on a suite: full fine-tuning only on the MiniLM suites (this CPU)."""
+    if method.kind == "full" and model_name != "minilm":
+        raise SystemExit(f"full fine-tuning runs on the MiniLM suites only, not on {suite_name} ({model_name})")
+
+
 def build(method: Method, task: Task, model):
     """Wrap ``model`` for a peer method (``adalora``, ``eva``: before EVA's initialisation; ``full``: unchanged)."""
+    refuse_unfit(method, task.suite.name, task.model_name)
     if method.kind == "full":
-        if task.model_name != "minilm":
-            raise SystemExit(
-                f"full fine-tuning runs on the MiniLM suites only (this CPU), not on {task.suite.name} "
-                f"({task.model_name})"
-            )
         return model.requires_grad_(True)
     if method.kind == "adalora":
         return build_adalora(model, task)

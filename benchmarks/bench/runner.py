@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import common
+from . import common, peers
 from .methods import (
     BASELINE_ALLOCATIONS,
     SIGNAL_STEP_KINDS,
@@ -26,7 +26,7 @@ from .methods import (
 )
 from .records import result_path
 from .suites import SUITES, apply_overrides
-from .tasks import Task, make_task
+from .tasks import Task, make_task, suite_model
 
 Job = tuple[str, str, int]  # (suite, method, seed)
 
@@ -94,9 +94,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, ta
 def initialise(method: Method, task: Task, model, seed: int, calib_batches: int) -> dict[str, Any]:
     """What a method does before its first step: calibration (``report``) or EVA's initialisation (``eva``)."""
     if method.kind == "eva":
-        from .peers import init_eva
-
-        return {"eva": init_eva(model, task, seed)}
+        return {"eva": peers.init_eva(model, task, seed)}
     if method.kind != "calib":
         return {}
     from peft_adaptive import calibrate_adaptive_lora
@@ -115,8 +113,6 @@ def train(model, method: Method, task: Task, seed: int, optimizer, schedule, sta
     """The hand loop: AdamW with clipping and a linear schedule, the same batches for every method of a seed; the
     adaptive kinds collect signals and reallocate in place after their signal steps, AdaLoRA allocates every step."""
     import torch
-
-    from . import peers
 
     suite, tuner = task.suite, model.base_model
     training = Training(report=report)
@@ -222,18 +218,14 @@ def allocation_steps(method: Method, task: Task) -> int:
     if method.kind in (*SIGNAL_STEP_KINDS, "default"):
         return signal_steps(method, task.suite)
     if method.kind == "adalora":
-        from .peers import adalora_final_step
-
-        return adalora_final_step(task.suite) + 1
+        return peers.adalora_final_step(task.suite) + 1
     return 0
 
 
 def peer_record(model, method: Method, task: Task, before_training: dict) -> dict[str, Any]:
     """The peers' own facts: AdaLoRA's schedule and final budget, EVA's initialisation."""
     if method.kind == "adalora":
-        from .peers import adalora_record
-
-        return {"adalora": adalora_record(model, task.suite)}
+        return {"adalora": peers.adalora_record(model, task.suite)}
     if method.kind == "eva":
         return {"eva": {k: v for k, v in before_training["eva"].items() if k != "removed"}}
     return {}
@@ -258,8 +250,10 @@ def run_jobs(args: argparse.Namespace, script: str) -> None:
         for method in args.methods
         if not result_path(suite, method, seed).is_file()
     ]
-    for name in args.methods:
-        parse_method(name)
+    for name in args.methods:  # refuse an unknown name, or a method that cannot run on a suite, before any run
+        method = parse_method(name)
+        for suite in args.suite:
+            peers.refuse_unfit(method, suite, suite_model(SUITES[suite]))
     print(
         f"{len(jobs)} runs to do ({sum(1 for _ in args.methods) * len(args.seeds) * len(args.suite) - len(jobs)} done)"
     )
