@@ -20,8 +20,9 @@
   ``EvaConfig(rho=2 | 1)`` (other fields PEFT's defaults), ``get_peft_model(..., low_cpu_mem_usage=True)``, then
   ``initialize_lora_eva_weights`` on exactly the batches the signal steps see (``task.batches(seed, warmup)``, as
   the model's keyword inputs: ``Task.model_inputs``). EVA budgets ranks (their sum stays ``r`` x modules; a module
-  may get rank 0 and lose its adapter). With rsLoRA, EVA's ``adjust_scaling_factors`` (alpha times new_r / r) keeps
-  ``alpha / r``, not rsLoRA's ``alpha / sqrt(r)``: PEFT's behaviour, kept.
+  may get rank 0 and lose its adapter). EVA's ``adjust_scaling_factors`` multiplies alpha by new_r / r, which keeps
+  plain LoRA's scaling ``alpha / r``; under the suites' rsLoRA (``alpha / sqrt(r)``) a module's scaling changes by
+  ``sqrt(new_r / r)``: PEFT's behaviour, kept.
 * ``full``: every weight trained, at ``FULL_LR`` (5e-5, glue.py's) times the ``+lr`` factor; MiniLM suites only.
 """
 
