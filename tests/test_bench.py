@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench import methods, report, stats  # noqa: E402
-from bench.methods import DEFAULT_RUN, Method, parse_method  # noqa: E402
+from bench import family, methods, report, stats  # noqa: E402
+from bench.methods import DEFAULT_RUN, SHIPPED_DEFAULT, Method, parse_method  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 
 # --- method names ---------------------------------------------------------------------------------------
@@ -37,10 +37,46 @@ from bench.suites import SUITES  # noqa: E402
         ("calib-uniform-gradient", Method("calib-uniform-gradient", "calib", "uniform", "gradient")),
         ("prune-shuffled-random", Method("prune-shuffled-random", "prune", "shuffled", "random")),
         ("fixed-hindsight-random", Method("fixed-hindsight-random", "fixed", "hindsight", "random")),
+        ("adalora", Method("adalora", "adalora")),
+        ("eva", Method("eva", "eva", eva_rho=2.0)),
+        ("eva-rho1", Method("eva-rho1", "eva", eva_rho=1.0)),
+        ("full", Method("full", "full")),
+        ("lora+lr0.5x", Method("lora+lr0.5x", "lora", lr_factor=0.5)),
+        ("lora-4x+lr2x", Method("lora-4x+lr2x", "lora", rank_factor=4, lr_factor=2.0)),
+        ("adalora+lr2x", Method("adalora+lr2x", "adalora", lr_factor=2.0)),
+        ("eva-rho1+lr1x", Method("eva-rho1+lr1x", "eva", eva_rho=1.0)),
+        (
+            SHIPPED_DEFAULT + "+lr2x",
+            Method(SHIPPED_DEFAULT + "+lr2x", "warm", "gradient_spectrum", "random", max_r_factor=2, lr_factor=2.0),
+        ),
     ],
 )
 def test_parse_method_accepts(name, expected):
     assert parse_method(name) == expected
+
+
+def test_learning_rates_and_grid_names():
+    suite = SUITES["planted"]
+    assert methods.method_lr(parse_method("lora"), suite) == suite.lr  # the shared lr, bit for bit
+    assert methods.method_lr(parse_method("adalora+lr0.5x"), suite) == 0.5 * suite.lr
+    assert methods.method_lr(parse_method("full"), suite) == methods.FULL_LR == 5e-5
+    assert methods.method_lr(parse_method("full+lr2x"), suite) == 1e-4
+    assert methods.base_name(SHIPPED_DEFAULT + "+lr0.5x") == SHIPPED_DEFAULT
+    assert methods.with_lr_factor("eva", 0.5) == "eva+lr0.5x" and methods.with_lr_factor("eva", 1.0) == "eva"
+    assert SHIPPED_DEFAULT == "warm-gradient_spectrum-random+max2r"
+
+
+def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
+    from bench.peers import refuse_unfit
+    from bench.tasks import suite_model
+
+    assert [suite_model(SUITES[s]) for s in ("planted", "glue-sst2", "distill-pinv")] == ["minilm"] * 3
+    assert [suite_model(SUITES[s]) for s in ("clm-wiki", "clm-cipher", "family-01")] == ["smollm2"] * 3
+    assert suite_model(SUITES["family-00"]) == "minilm"
+    refuse_unfit(parse_method("full"), "glue-sst2", "minilm")
+    refuse_unfit(parse_method("adalora"), "clm-wiki", "smollm2")
+    with pytest.raises(SystemExit, match="full fine-tuning runs on the MiniLM suites only, not on clm-wiki"):
+        refuse_unfit(parse_method("full+lr2x"), "clm-wiki", "smollm2")
 
 
 @pytest.mark.parametrize(
@@ -53,6 +89,10 @@ def test_parse_method_accepts(name, expected):
         ("fixed-hindsight-gradient", "or fixed-hindsight-random"),
         ("warm-norms-random+x3", "the suffixes are \\+s<signal steps>"),
         ("warm-norms-random+max0r", "K >= 1"),
+        ("adalora+s5", "\\+lr<k>x \\(the learning rate times k"),
+        ("lora+max2r", "for warm/grow/prune/calib/fixed methods"),
+        ("eva+lr0x", "needs k > 0"),
+        ("eva-rho3", "unknown method 'eva-rho3'"),
     ],
 )
 def test_parse_method_refuses_with_the_grammar(name, message):
@@ -92,6 +132,28 @@ def test_verdict_words():
     assert stats.verdict(clear, True) == "+1.0000 ± 0.2484 (3/3 seeds better): **better**"
     assert stats.verdict(clear, False) == "+1.0000 ± 0.2484 (0/3 seeds better): **worse**"
     assert stats.verdict(None, True) == "n/a (need 2+ paired seeds)"
+
+
+def test_fieller_against_a_hand_computation():
+    # x = default - lora, y = hindsight - lora on three seeds
+    x, y = [0.03, 0.05, 0.04], [0.06, 0.07, 0.08]
+    # means 0.04, 0.07; variances 1e-4, 1e-4; covariance 5e-5; t(2) = 4.303, t^2 / n = 18.515809 / 3
+    t2n = 4.303**2 / 3
+    a = 0.07**2 - t2n * 1e-4  # 0.0042828: > 0, a bounded interval
+    b = 0.04 * 0.07 - t2n * 5e-5  # 0.0024914
+    c = 0.04**2 - t2n * 1e-4  # 0.0009828
+    low, high = (b - (b * b - a * c) ** 0.5) / a, (b + (b * b - a * c) ** 0.5) / a
+    assert (round(low, 4), round(high, 4)) == (0.2517, 0.9118)  # sqrt(b^2 - ac) = 0.0014135
+    assert stats.fieller(x, y) == pytest.approx((0.04 / 0.07, low, high))
+    assert stats.fieller(x, [0.01, -0.02, 0.015]) == (pytest.approx(24.0), None, None)  # mean y 0.005 / 3: unbounded
+    assert stats.fieller([1.0], [2.0]) is None
+
+
+def test_is_better_and_summarise():
+    assert stats.is_better(stats.summarise([1.0, 1.1, 0.9]), True)
+    assert not stats.is_better(stats.summarise([1.0, 1.1, 0.9]), False)
+    assert not stats.is_better(stats.summarise([1.0, -1.0, 0.5]), True)
+    assert not stats.is_better(None, True) and stats.summarise([1.0]) is None
 
 
 # --- rank helpers ---------------------------------------------------------------------------------------
@@ -134,9 +196,9 @@ def test_module_layer():
 MODULES = [f"encoder.layer.{layer}.{kind}" for layer in range(3) for kind in ("attention.self.query", "output.dense")]
 
 
-def record(method: str, seed: int, gap_closed: float, ranks: list[int], **extra) -> dict:
+def record(method: str, seed: int, gap_closed: float, ranks: list[int], suite: str = "planted", **extra) -> dict:
     return {
-        "suite": "planted",
+        "suite": suite,
         "method": method,
         "seed": seed,
         "metrics": {"gap_closed": gap_closed},
@@ -146,6 +208,13 @@ def record(method: str, seed: int, gap_closed: float, ranks: list[int], **extra)
         "train_seconds": 60.0,
         **extra,
     }
+
+
+def write(root: Path, records: list[dict]) -> None:
+    for run in records:
+        path = root / run["suite"] / run["method"] / f"seed{run['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run))
 
 
 @pytest.fixture
@@ -161,32 +230,37 @@ def results_tree(tmp_path, monkeypatch):
         allocation = {"step": 30, "scores": [], "removed": []}
         ranks = [2, 8, 1, 6, 3, 4] if seed else [1, 8, 2, 6, 3, 4]
         records.append(record(DEFAULT_RUN, seed, default, ranks, allocation=allocation))
-    for run in records:
-        path = tmp_path / "planted" / run["method"] / f"seed{run['seed']}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run))
+    write(tmp_path, records)
     (tmp_path / "not-a-suite").mkdir()  # ignored: not in SUITES
     return tmp_path
+
+
+def section(text: str, title: str) -> list[str]:
+    """The lines of the report's section ``## title`` (up to the next ``## ``)."""
+    lines = text.splitlines()
+    start = lines.index(f"## {title}")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
 
 
 def test_report_renders_a_fake_results_tree(results_tree):
     text = report.report()
     assert (results_tree / "report.md").read_text() == text  # the full report is written
-    lines = text.splitlines()
-    assert lines[:3] == ["# Allocation benchmarks: raw results rendered", "", "## planted"]
-    assert "Settings: r=4 (budget = uniform LoRA at r), lora_alpha=8, rsLoRA=True, lr=0.002" in lines[4]
-    assert lines[6] == (
+    assert text.startswith("# Allocation benchmarks: raw results rendered\n\n## Summary: is there something to find?")
+    lines = section(text, "planted")
+    assert "Settings: r=4 (budget = uniform LoRA at r), lora_alpha=8, rsLoRA=True, lr=0.002" in lines[2]
+    assert lines[4] == (
         "**Calibration** (does rank bind?): lora-4x - lora = +0.1033 ± 0.0379 (3/3 seeds better): **better**"
     )
     # rows: lora, lora-4x first, then the rest by name
-    assert [line.split(" | ")[0] for line in lines[10:13]] == ["| lora", "| lora-4x", f"| {DEFAULT_RUN}"]
-    assert lines[10] == "| lora | 3 | 0.1100 ± 0.0100 | – | – | 24,000 | 60 | 4..4, 0 |"
-    assert lines[12] == (
+    assert [line.split(" | ")[0] for line in lines[8:11]] == ["| lora", "| lora-4x", f"| {DEFAULT_RUN}"]
+    assert lines[8] == "| lora | 3 | 0.1100 ± 0.0100 | – | – | n/a (need 2+ paired seeds) | 24,000 | 60 | 4..4, 0 |"
+    assert lines[10] == (
         f"| {DEFAULT_RUN} | 3 | 0.1500 ± 0.0100 | +0.0400 ± 0.0248 (3/3 seeds better): **better** | "
-        "s0 +0.0500, s1 +0.0400, s2 +0.0300 | 24,000 | 60 | 1..8, 0 |"
+        "s0 +0.0500, s1 +0.0400, s2 +0.0300 | n/a (need 2+ paired seeds) | 24,000 | 60 | 1..8, 0 |"
     )
     # seed 0 has two ranks swapped: Spearman 0.94 against seeds 1 and 2, which agree (1.0), so 0.96 on average
-    assert lines[14:18] == [
+    assert lines[12:16] == [
         "Where the ranks went (mean final rank over seeds; a removed module counts 0):",
         "",
         f"- {DEFAULT_RUN}: by module query 2.00, output.dense 6.00; by depth (first, middle, last third of the "
@@ -201,4 +275,92 @@ def test_report_renders_a_fake_results_tree(results_tree):
 def test_report_of_some_suites_is_only_printed(results_tree):
     text = report.report(["planted", "clm"])
     assert not (results_tree / "report.md").exists()
+    assert text.startswith("# Allocation benchmarks: raw results rendered\n\n## planted\n")
     assert text.endswith("## clm\n\nno runs yet\n")
+
+
+def cost(step: float, steps: int = 10, allocation_steps: int = 0, **one_off) -> dict:
+    """A run's cost record: ``steps`` optimizer steps of ``step`` seconds."""
+    return {
+        "step_seconds": [step] * steps,
+        "allocation_steps": allocation_steps,
+        "init_seconds": one_off.get("init", 0.0),
+        "reallocation_seconds": one_off.get("reallocation"),
+        "adalora_allocate_seconds": one_off.get("adalora"),
+        "peak_rss_mb": 1000.0 * one_off.get("memory", 1.0),
+        "process_peak_rss_mb": 1000.0,
+    }
+
+
+@pytest.fixture
+def peers_tree(results_tree):
+    """The planted suite of ``results_tree`` with the peers, the hindsight allocation, the shipped default and
+    learning-rate variants (validation metrics on seed 0), cost records, and four members of the planted family."""
+    records = []
+    gains = {SHIPPED_DEFAULT: (0.05, 0.06, 0.04), "fixed-hindsight-random": (0.08, 0.10, 0.09), "adalora": (-0.02, 0.0, -0.01), "eva": (0.01, 0.012, 0.008)}  # fmt: skip
+    for seed, lora in enumerate((0.10, 0.12, 0.11)):
+        for method, gain in gains.items():
+            extra = {}
+            if method == "adalora":
+                extra["cost"] = cost(0.2, allocation_steps=4, adalora=[0.01] * 10, memory=1.5)
+            records.append(record(method, seed, lora + gain[seed], [4] * 6, **extra))
+    for method, lrs in (("lora", (0.40, 0.60, 0.50)), (SHIPPED_DEFAULT, (0.55, 0.65, 0.70))):
+        for factor, val in zip(("+lr0.5x", "+lr1x", "+lr2x"), lrs):
+            records.append(record(method + factor, 0, val, [4] * 6, val_metrics={"gap_closed": val}))
+        for seed in (1, 2):  # the chosen lr of the default (x2): paired seeds there
+            records.append(record(SHIPPED_DEFAULT + "+lr2x", seed, 0.2, [4] * 6, val_metrics={"gap_closed": 0.7}))
+    records.append(record("lora+lr2x", 1, 0.3, [4] * 6))
+    for index, (lora, oracle, default) in enumerate([(0.5, 0.7, 0.6), (0.5, 0.51, 0.45), (0.4, 0.8, 0.5), (0.4, 0.6, 0.55)]):  # fmt: skip
+        suite = f"family-{index:02d}"
+        records += [record(m, 0, v, [2] * 6, suite=suite) for m, v in (("lora", lora), ("oracle", oracle))]
+        records.append(record(SHIPPED_DEFAULT, 0, default, [2] * 6, suite=suite))
+    write(results_tree, records)
+    lora_cost = cost(0.1)
+    for seed in range(3):  # uniform LoRA's runs with cost records (the first runs predate them)
+        path = results_tree / "planted" / "lora" / f"seed{seed}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "cost": lora_cost}))
+    return results_tree
+
+
+def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
+    text = report.report()
+    summary = section(text, "Summary: is there something to find?")
+    # default - lora 0.05, 0.06, 0.04 over hindsight - lora 0.08, 0.10, 0.09: Fieller's a, b, c = 0.0074828,
+    # 0.0041914, 0.0018828, so (b -+ sqrt(b^2 - ac)) / a = 0.31, 0.81
+    assert summary[6] == (
+        "| planted | `gap_closed` | +0.1033 ± 0.0379 (3/3 seeds better): **better** | +0.0900 ± 0.0248 (3/3 seeds "
+        "better): **better** | ✓ | 0.56, 95% [0.31, 0.81] (3 seeds) |"
+    )
+    peers = section(text, "Peers side by side: each method against uniform LoRA")
+    assert peers[4].startswith(
+        "| suite (metric, ↑ higher / ↓ lower is better) | uniform LoRA | our default | AdaLoRA |"
+    )
+    assert peers[6] == (
+        "| planted (`gap_closed` ↑) | 0.1100 (3) | +0.0500 ± 0.0248 **better** (3) | -0.0100 ± 0.0248 inside (3) | "
+        "+0.0100 ± 0.0050 **better** (3) | – | +0.1033 ± 0.0379 **better** (3) | +0.0900 ± 0.0248 **better** (3) |"
+    )
+    assert (peers_tree / "summary.md").read_text().splitlines()[4] == peers[6]  # the same table, for the README
+    assert (peers_tree / "forest.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![forest plot](forest.png)" in text
+    tuning = section(text, "Each method at its own learning rate")
+    rows = {line.split(" | ")[0]: line for line in tuning if line.startswith("| ")}
+    # lora is best at x1 on validation: its plain runs; the default at x2: its +lr2x runs (seeds 0-2)
+    assert rows["| lora"] == "| lora | 0.4000 | 0.6000 | 0.5000 | ×1 (0.002) | 3 | – | -0.2567 ± 0.7388 inside (3) |"
+    assert rows[f"| {SHIPPED_DEFAULT}"].startswith(f"| {SHIPPED_DEFAULT} | 0.5500 | 0.6500 | 0.7000 | ×2 (0.004) | 3 |")
+    fam = section(text, "The planted family")
+    assert fam[6] == f"| family-00 | choose | minilm | {family.member(0).r} | {len(family.member(0).changes)} | +0.2000 | yes | 0.50 |"  # fmt: skip
+    assert fam[7].endswith("| +0.0100 | no | – ✗ |")  # nothing to find, and worse than lora
+    roles = [line for line in fam if line.startswith(("| choose", "| report"))]
+    assert roles == [
+        f"| choose | {SHIPPED_DEFAULT} | 0.50 | 1 | 1/2 |",
+        f"| report | {SHIPPED_DEFAULT} | 0.50 ± 3.18 | 2 | 0/2 |",  # shares 0.25 and 0.75
+    ]
+    costs = section(text, "Cost (CPU, from the runs)")
+    assert "| planted | adalora | 3 | 2.00× (2.00..2.00) | 2.00× (2.00..2.00) | 1.50× (1.50..1.50) | AdaLoRA allocation 1.00 |" in costs  # fmt: skip
+
+
+def test_report_without_new_methods_renders_dashes(results_tree):
+    text = report.report()
+    peers = section(text, "Peers side by side: each method against uniform LoRA")
+    assert peers[6] == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
+    assert "No learning-rate variants run yet." in text and "## The planted family" not in text

@@ -19,7 +19,8 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2, kv_heads: int = 2) -> LlamaForCausalLM:
+    """``kv_heads=4``: key and value as wide as the query, so every attention projection costs the same per rank."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -27,7 +28,7 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(config)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import re
@@ -20,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,71 +287,6 @@ def allocated_adapter_params(peft_model: nn.Module, adapter: str = "default") ->
 
 def trainable_param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def lora_budget(module_costs: Iterable[int], r: int) -> int:
-    """Plain LoRA's rank-dependent parameter count at rank ``r``."""
-    return r * sum(module_costs)
-
-
-def budget_ratio(count: int, budget: int) -> float:
-    return count / budget if budget else math.nan
-
-
-# --- module naming for the rank heatmap --------------------------------------------------------
-
-_LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<kind>.+)$")
-
-
-def split_module_name(name: str) -> tuple[int, str] | None:
-    """``bert.encoder.layer.3.attention.self.query`` -> ``(3, "attention.self.query")``."""
-    match = _LAYER_INDEX.match(name)
-    if match is None:
-        return None
-    return int(match["index"]), match["kind"]
-
-
-def block_linear_names(model: nn.Module, selection: str) -> list[str]:
-    """Names of the ``nn.Linear`` modules inside numbered transformer blocks.
-
-    ``selection``: ``attention`` (modules whose path mentions ``attn``/``attention``), ``all-linear``,
-    or a comma-separated list of module-type suffixes (``query,value``).
-    """
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        parts = split_module_name(name)
-        if parts is None:
-            continue
-        kind = parts[1]
-        if selection == "all-linear":
-            keep = True
-        elif selection == "attention":
-            keep = "attn" in kind or "attention" in kind
-        else:
-            wanted = [s.strip() for s in selection.split(",") if s.strip()]
-            keep = any(kind == w or kind.endswith("." + w) for w in wanted)
-        if keep:
-            names.append(name)
-    if not names:
-        raise ValueError(f"no nn.Linear inside numbered blocks matches targets={selection!r}")
-    return names
-
-
-# --- statistics -------------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 # --- Trainer callbacks ---------------------------------------------------------------------------

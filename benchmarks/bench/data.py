@@ -102,7 +102,26 @@ def take_subset(rows: dict[str, list], limit: int | None, seed: int = 0) -> dict
     n = len(rows["label"])
     if limit is None or limit >= n:
         return rows
+    return _pick(rows, sorted(_subset_indices(n, limit, seed)))
+
+
+def rows_outside_subset(rows: dict[str, list], limit: int | None, count: int, seed: int = 0) -> dict[str, list]:
+    """``count`` fixed random rows that ``take_subset(rows, limit, seed)`` leaves out (fewer where fewer are left):
+    a validation set drawn from the training split, never trained on."""
     import random
 
-    keep = sorted(random.Random(seed).sample(range(n), limit))
-    return {col: [values[i] for i in keep] for col, values in rows.items()}
+    n = len(rows["label"])
+    inside = set(range(n)) if limit is None or limit >= n else _subset_indices(n, limit, seed)
+    outside = [i for i in range(n) if i not in inside]
+    keep = sorted(random.Random(f"outside-{seed}").sample(outside, min(count, len(outside))))
+    return _pick(rows, keep)
+
+
+def _subset_indices(n: int, limit: int, seed: int) -> set[int]:
+    import random
+
+    return set(random.Random(seed).sample(range(n), limit))
+
+
+def _pick(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+    return {col: [values[i] for i in indices] for col, values in rows.items()}

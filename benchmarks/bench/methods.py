@@ -21,6 +21,16 @@ ended with (run that first), which separates the allocation's quality from the c
 it needed, from the singular values of its learned updates at the end (run that first). It is what a score could
 get by knowing in advance where a 4x adapter ends up using its extra rank. Every run records those singular values
 (``update_spectra``), so the report can also say how well a score's allocation agrees with them.
+
+Peers, at the same final budget (their wiring: ``bench/peers.py``): ``adalora`` (PEFT's AdaLoRA, ``init_r`` =
+ceil(1.5 r) pruned to ``target_r`` = r by its own schedule), ``eva`` (PEFT's EVA, ``rho=2``: ranks redistributed up
+to 2r, same sum, initialised on the batches the signal steps see) and ``eva-rho1`` (``rho=1``: EVA's initialisation
+with uniform ranks), and ``full`` (every weight trained, at its own learning rate ``FULL_LR``; MiniLM suites only).
+``SHIPPED_DEFAULT`` is the run name of the shipped default's configuration.
+
+Any method takes ``+lr<k>x`` (e.g. ``lora+lr0.5x``, ``adalora+lr2x``): the suite's learning rate (``full``: its own)
+times ``k``, for the per-method learning-rate grid. ``+lr1x`` trains exactly as the plain name does, under its own
+name (a grid point at x1 with validation metrics, where the plain run predates them).
 """
 
 from __future__ import annotations
@@ -42,18 +52,27 @@ BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
 #: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
 #: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
 DEFAULT_RUN = "warm-gradient_spectrum-random"
+#: the run name of the shipped default (``score="gradient_spectrum"``, random growth, ``max_r = 2r``): the method
+#: every other is compared with, besides uniform LoRA
+SHIPPED_DEFAULT = DEFAULT_RUN + "+max2r"
+#: PEFT's methods and full fine-tuning, by name (see the module docstring)
+PEER_KINDS = ("adalora", "eva", "full")
+#: full fine-tuning's learning rate (the one glue.py used); ``+lr<k>x`` multiplies it
+FULL_LR = 5e-5
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default
+    kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default | adalora | eva | full
     allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled" or "hindsight" (fixed only)
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
     signal_steps: int | None = None  # warm/grow: overrides the suite's warmup (``...+s<N>``)
     max_r_factor: int | None = None  # overrides the suite's max_r = max_r_factor * r (``...+max<K>r``)
+    lr_factor: float = 1.0  # multiplies the suite's learning rate (``...+lr<k>x``)
+    eva_rho: float | None = None  # eva only: EvaConfig.rho
 
 
 # kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
@@ -62,31 +81,67 @@ SIGNAL_STEP_KINDS = ("warm", "grow", "prune")
 
 def parse_method(name: str) -> Method:
     """The method a ``--methods`` name stands for (grammar: this module's docstring); SystemExit on an unknown name."""
-    if name == "lora":
-        return Method(name, "lora")
-    if name.startswith("lora-") and name.endswith("x"):
-        return Method(name, "lora", rank_factor=int(name[5:-1]))
-    if name == "oracle":
-        return Method(name, "oracle")
-    if name == "adaptive":
-        return Method(name, "default")
-    if name.startswith("adaptive-") and name.removeprefix("adaptive-") in SCORE_NAMES:
-        # the package default with another score (e.g. an earlier default, kept comparable)
-        return Method(name, "default", allocation=name.removeprefix("adaptive-"))
-    # suffixes: +s<N> reallocates after N signal steps (warm-sensitivity-random+s5); +max<K>r caps ranks at K * r
     spec, *suffixes = name.split("+")
-    method = _parse_adaptive(name, spec)
+    method = _parse_spec(name, spec)
     for suffix in suffixes:
-        if steps := re.fullmatch(r"s(\d+)", suffix):
-            method = replace(method, signal_steps=int(steps[1]))
-        elif factor := re.fullmatch(r"max([1-9]\d*)r", suffix):
-            method = replace(method, max_r_factor=int(factor[1]))
-        else:
-            raise SystemExit(
-                f"unknown method {name!r}: the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r "
-                "(max_r = K * r, K >= 1, e.g. +max2r)"
-            )
+        method = _with_suffix(name, method, suffix)
     return method
+
+
+SUFFIX_GRAMMAR = (
+    "the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r (max_r = K * r, K >= 1, e.g. +max2r) for "
+    "warm/grow/prune/calib/fixed methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
+)
+
+
+def _parse_spec(name: str, spec: str) -> Method:
+    """The method of a name without its ``+`` suffixes (``name`` is the full name the method keeps)."""
+    if spec == "lora":
+        return Method(name, "lora")
+    if spec.startswith("lora-") and spec.endswith("x"):
+        return Method(name, "lora", rank_factor=int(spec[5:-1]))
+    if spec == "oracle":
+        return Method(name, "oracle")
+    if spec == "adaptive":
+        return Method(name, "default")
+    if spec.startswith("adaptive-") and spec.removeprefix("adaptive-") in SCORE_NAMES:
+        # the package default with another score (e.g. an earlier default, kept comparable)
+        return Method(name, "default", allocation=spec.removeprefix("adaptive-"))
+    if spec in ("adalora", "full"):
+        return Method(name, spec)
+    if spec in ("eva", "eva-rho1"):
+        return Method(name, "eva", eva_rho=1.0 if spec == "eva-rho1" else 2.0)
+    return _parse_adaptive(name, spec)
+
+
+def _with_suffix(name: str, method: Method, suffix: str) -> Method:
+    """``method`` changed by one ``+`` suffix: ``lr<k>x`` on any method, ``s<N>`` and ``max<K>r`` on the adaptive
+    kinds that take them."""
+    if factor := re.fullmatch(r"lr(\d+(?:\.\d+)?)x", suffix):
+        if float(factor[1]) <= 0:
+            raise SystemExit(f"unknown method {name!r}: +lr<k>x needs k > 0")
+        return replace(method, lr_factor=float(factor[1]))
+    adaptive = method.kind in (*SIGNAL_STEP_KINDS, "calib", "fixed")
+    if adaptive and (steps := re.fullmatch(r"s(\d+)", suffix)):
+        return replace(method, signal_steps=int(steps[1]))
+    if adaptive and (factor := re.fullmatch(r"max([1-9]\d*)r", suffix)):
+        return replace(method, max_r_factor=int(factor[1]))
+    raise SystemExit(f"unknown method {name!r}: {SUFFIX_GRAMMAR}")
+
+
+def base_name(name: str) -> str:
+    """The method name without its ``+lr<k>x`` suffix (``adalora+lr2x`` -> ``adalora``)."""
+    return "+".join(part for part in name.split("+") if not re.fullmatch(r"lr\d+(?:\.\d+)?x", part))
+
+
+def with_lr_factor(name: str, factor: float) -> str:
+    """``name`` at ``factor`` times its learning rate (``lora``, 2 -> ``lora+lr2x``); ``factor`` 1 is ``name``."""
+    return name if factor == 1 else f"{name}+lr{factor:g}x"
+
+
+def method_lr(method: Method, suite: Suite) -> float:
+    """The learning rate a method trains at: the suite's (full fine-tuning: ``FULL_LR``) times its ``+lr`` factor."""
+    return (FULL_LR if method.kind == "full" else suite.lr) * method.lr_factor
 
 
 def _parse_adaptive(name: str, spec: str) -> Method:
@@ -99,10 +154,10 @@ def _parse_adaptive(name: str, spec: str) -> Method:
         return Method(name, kind, allocation, growth)
     if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
-            f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
+            f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, adalora, eva, eva-rho1, "
+            "full, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
             f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
-            f"('gradient', 'random'), optionally +s<signal steps> ({', '.join(SIGNAL_STEP_KINDS)}), "
-            "or fixed-hindsight-random"
+            f"('gradient', 'random'), or fixed-hindsight-random; {SUFFIX_GRAMMAR}"
         )
     if kind in (*SIGNAL_STEP_KINDS, "fixed") and allocation == "uniform":
         raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
@@ -200,14 +255,18 @@ def lora_at_ranks(model, suite: Suite, ranks: dict[str, int]):
 
 
 def build(method: Method, task: Task, model, seed: int = 0):
-    """Wrap ``model`` with the method's adapter; returns the PeftModel."""
+    """Wrap ``model`` with the method's adapter; returns the PeftModel (``full``: the model itself, all trainable)."""
     from peft import LoraConfig, get_peft_model
 
     import peft_adaptive  # noqa: F401  (registers the method)
     from peft_adaptive import AdaptiveLoraConfig
 
+    from . import peers
+
     suite = task.suite
     common_kwargs = dict(target_modules=task.targets(), lora_dropout=0.0, use_rslora=suite.use_rslora)
+    if method.kind in PEER_KINDS:
+        return peers.build(method, task, model)
     if method.kind == "lora":
         return get_peft_model(
             model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)

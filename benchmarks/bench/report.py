@@ -1,5 +1,6 @@
-"""The report: every suite's tables, comparisons and rank profiles, rendered from the results tree to
-``report.md``."""
+"""The report: the overviews (calibrations, peers side by side), the learning-rate section, the planted family,
+the cost table, then every suite's tables, comparisons and rank profiles, rendered from the results tree to
+``report.md``, with ``summary.md`` (the peers table for the project README) and ``forest.png`` beside it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import functools
 import statistics
 from collections.abc import Callable
 
-from .methods import DEFAULT_RUN, hindsight_ranks, module_layer
+from .cost_table import cost_section
+from .family_report import family_section
+from .methods import DEFAULT_RUN, SHIPPED_DEFAULT, hindsight_ranks, module_layer
+from .overview import calibration_summary, overview_suites, peer_differences, peers_summary, summary_markdown
+from .plots import SuiteRow, forest_plot
 from .records import final_ranks, load_results, results_root
 from .stats import paired, per_seed_differences, spearman, verdict
 from .suites import LR_VARIANT_OF, SUITES, Suite
-
-Results = dict[str, dict[int, dict]]  # {method: {seed: run record}}
+from .tables import PEER_COLUMNS, Results, method_order
+from .tuning import tuning_section
 
 #: Pairs the report also compares directly (first - second, paired by seed), where a suite has both: the default
 #: against the previous default and against its own ranks shuffled, and allocating before training or with ranks
@@ -42,15 +47,15 @@ def lr_variant_lines(suite_name: str, results: Results) -> list[str]:
         f"this suite - {reference_name}):",
         "",
     ]
-    for name in sorted(set(results) & set(reference), key=_method_order):
+    for name in sorted(set(results) & set(reference), key=method_order):
         lines.append(comparison_line(name, results[name], reference[name], suite))
     return [*lines, ""]
 
 
-def suite_report(suite_name: str) -> str:
+def suite_report(suite_name: str, results: Results | None = None) -> str:
     """One suite's section: settings, calibration, the method table, head-to-head and lr pairs, rank profiles."""
     suite = SUITES[suite_name]
-    results = load_results(suite_name)
+    results = load_results(suite_name) if results is None else results
     if not results:
         return f"## {suite_name}\n\nno runs yet\n"
     # GLUE suites also record the dev loss: continuous, so it separates methods that accuracy cannot
@@ -73,7 +78,8 @@ def settings_line(suite: Suite) -> str:
         f"min_r={suite.min_r}, max_r={suite.max_r}. Metric: `{suite.metric}` "
         f"({'higher' if suite.higher_is_better else 'lower'} is better). Paired differences: mean over seeds of "
         "(method - lora), same seed = same data order and initialisation, with the half-width of its 95% t "
-        "interval; **better**/**worse** when the interval excludes 0, 'inside' otherwise."
+        "interval; **better**/**worse** when the interval excludes 0, 'inside' otherwise; 'vs default': the same "
+        f"against the shipped default (`{SHIPPED_DEFAULT}`)."
     )
 
 
@@ -89,33 +95,48 @@ def calibration_lines(suite: Suite, results: Results, loss: bool) -> list[str]:
 
 
 def method_table(suite: Suite, results: Results, loss: bool) -> list[str]:
-    """One row per method: its metric, the paired difference to lora, budget used, time and rank range."""
-    metric, base = suite.metric, results.get("lora", {})
+    """One row per method: its metric, the paired differences to lora and to the shipped default, budget used, time
+    and rank range."""
+    metric, base, default = suite.metric, results.get("lora", {}), results.get(SHIPPED_DEFAULT, {})
     loss_header = " vs lora, `eval_loss` (paired) |" if loss else ""
     lines = [
-        f"| method | seeds | {metric} mean ± std | vs lora (paired) | per seed (method - lora) |{loss_header} "
-        "adapter params | train s | ranks (min..max, #0) |",
-        "|---|---|---|---|---|" + ("---|" if loss else "") + "---|---|---|",
+        f"| method | seeds | {metric} mean ± std | vs lora (paired) | per seed (method - lora) | vs default (paired) |"
+        f"{loss_header} adapter params | train s | ranks (min..max, #0) |",
+        "|---|---|---|---|---|---|" + ("---|" if loss else "") + "---|---|---|",
     ]
-    for name in sorted(results, key=_method_order):
+    for name in sorted(results, key=method_order):
         runs = results[name]
         values = [r["metrics"][metric] for r in runs.values()]
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
-        first = next(iter(runs.values()))
-        ranks = list(first["ranks"].values())
-        zeros = len((first["allocation"] or {}).get("removed") or [])  # rank-0 modules are unwrapped, not in ranks
-        params = statistics.fmean(r["adapter_params"] for r in runs.values())
         seconds = statistics.fmean(r["train_seconds"] for r in runs.values())
         versus = "–" if name == "lora" else verdict(paired(runs, base, metric), suite.higher_is_better)
         per_seed = "–" if name == "lora" else per_seed_differences(runs, base, metric)
+        versus_default = (
+            "–" if name == SHIPPED_DEFAULT else verdict(paired(runs, default, metric), suite.higher_is_better)
+        )
         loss_cell = ""
         if loss:
             loss_cell = " – |" if name == "lora" else f" {verdict(paired(runs, base, 'eval_loss'), False)} |"
         lines.append(
-            f"| {name} | {len(values)} | {statistics.fmean(values):.4f} ± {std:.4f} | {versus} | {per_seed} |{loss_cell} "
-            f"{params:,.0f} | {seconds:.0f} | {0 if zeros else min(ranks)}..{max(ranks)}, {zeros} |"
+            f"| {name} | {len(values)} | {statistics.fmean(values):.4f} ± {std:.4f} | {versus} | {per_seed} | "
+            f"{versus_default} |{loss_cell} {params_cell(runs)} | {seconds:.0f} | {ranks_cell(next(iter(runs.values())))} |"
         )
     return [*lines, ""]
+
+
+def params_cell(runs: dict[int, dict]) -> str:
+    """Mean rank-dependent adapter parameters; full fine-tuning: all weights."""
+    if any(run.get("settings", {}).get("method", {}).get("kind") == "full" for run in runs.values()):
+        return f"all weights ({statistics.fmean(r['trainable_params'] for r in runs.values()):,.0f})"
+    return f"{statistics.fmean(r['adapter_params'] for r in runs.values()):,.0f}"
+
+
+def ranks_cell(run: dict) -> str:
+    """``min..max, #0`` of one run's final ranks (a removed or fully masked module counts 0)."""
+    ranks = list(final_ranks(run).values())
+    if not ranks:
+        return "–"
+    return f"{min(ranks)}..{max(ranks)}, {sum(r == 0 for r in ranks)}"
 
 
 def head_to_head_lines(suite: Suite, results: Results) -> list[str]:
@@ -131,8 +152,8 @@ def head_to_head_lines(suite: Suite, results: Results) -> list[str]:
 def profile_lines(suite: Suite, results: Results) -> list[str]:
     """Where each non-uniform method (and the hindsight allocation) put rank: by module kind, by depth, how
     consistently over seeds, and how close to hindsight."""
-    profiles = {name: results[name] for name in sorted(results, key=_method_order) if len(results[name]) > 1}
-    profiles = {name: runs for name, runs in profiles.items() if not _uniform(runs)}
+    profiles = {name: results[name] for name in sorted(results, key=method_order) if len(results[name]) > 1}
+    profiles = {name: runs for name, runs in profiles.items() if _has_ranks(runs) and not _uniform(runs)}
     hindsight = hindsight_runs(suite, results)
     if len(hindsight) > 1:
         profiles["hindsight (lora-4x's update spectra)"] = hindsight
@@ -154,6 +175,10 @@ def profile_lines(suite: Suite, results: Results) -> list[str]:
             + with_hindsight
         )
     return [*lines, ""]
+
+
+def _has_ranks(runs: dict[int, dict]) -> bool:
+    return all(final_ranks(run) for run in runs.values())  # not full fine-tuning
 
 
 def _uniform(runs: dict[int, dict]) -> bool:
@@ -205,18 +230,40 @@ def hindsight_runs(suite: Suite, results: Results) -> dict[int, dict]:
     }
 
 
-def _method_order(name: str) -> tuple:
-    order = ["lora", "lora-4x", "adaptive", "oracle"]
-    return (order.index(name) if name in order else len(order), name)
+def forest_rows(tree: dict[str, Results]) -> list[SuiteRow]:
+    """The forest plot's panels: the peers summary's differences (those with an interval)."""
+    rows = []
+    for name, results in tree.items():
+        suite = SUITES[name]
+        differences = {m: (d[0], d[2]) for m, d in peer_differences(name, results).items() if d is not None}
+        rows.append(SuiteRow(name, suite.metric, suite.higher_is_better, differences))
+    return rows
 
 
 def report(suites: list[str] | None = None) -> str:
-    """The report of ``suites`` (default: every suite with results); of all of them, also written to report.md."""
+    """The report of ``suites`` (default: every suite with results); of all of them, also written to report.md, with
+    summary.md and forest.png beside it. A report of some suites holds only their sections and is only printed."""
     root = results_root()
     names = suites or (
         sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in SUITES) if root.is_dir() else []
     )
-    text = "# Allocation benchmarks: raw results rendered\n\n" + "\n".join(suite_report(s) for s in names)
-    if not suites:  # report.md always holds every suite; a report of some suites is only printed
-        (root / "report.md").write_text(text)
+    tree = {name: load_results(name) for name in names}
+    header = "# Allocation benchmarks: raw results rendered\n\n"
+    sections = "\n".join(suite_report(name, tree[name]) for name in names)
+    if suites:  # report.md always holds every suite; a report of some suites is only printed
+        return header + sections
+    overview = overview_suites(tree)
+    family = {name: results for name, results in tree.items() if name.startswith("family-") and results}
+    lines = [
+        *calibration_summary(overview),
+        *peers_summary(overview),
+        "![forest plot](forest.png)" if forest_plot(forest_rows(overview), PEER_COLUMNS, root / "forest.png") else "",
+        "",
+        *tuning_section(tree),
+        *family_section(family),
+        *cost_section(tree),
+    ]
+    text = header + "\n".join(lines) + "\n" + sections
+    (root / "report.md").write_text(text)
+    (root / "summary.md").write_text(summary_markdown(overview))
     return text

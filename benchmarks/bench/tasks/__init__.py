@@ -9,19 +9,39 @@ from .distill import DistillTask
 from .glue import GlueTask
 from .planted import FamilyTask, PlantedTask
 
-__all__ = ["CausalLMTask", "DistillTask", "FamilyTask", "GlueTask", "PlantedTask", "Task", "make_task"]
+__all__ = [
+    "CausalLMTask",
+    "DistillTask",
+    "FamilyTask",
+    "GlueTask",
+    "PlantedTask",
+    "Task",
+    "make_task",
+    "suite_model",
+    "task_class",
+]
+
+
+def task_class(suite: Suite) -> type[Task]:
+    """The task family of ``suite``, by the name it starts with."""
+    if suite.name == "planted":
+        return PlantedTask
+    if suite.name.startswith("family-"):
+        return FamilyTask
+    if suite.name.startswith("distill"):
+        return DistillTask
+    if suite.name.startswith("clm"):
+        return CausalLMTask
+    if suite.name.startswith("glue-"):
+        return GlueTask
+    raise SystemExit(f"unknown suite {suite.name!r}")
 
 
 def make_task(suite: Suite) -> Task:
-    """The task of ``suite``, by the family its name starts with."""
-    if suite.name == "planted":
-        return PlantedTask(suite)
-    if suite.name.startswith("family-"):
-        return FamilyTask(suite)
-    if suite.name.startswith("distill"):
-        return DistillTask(suite)
-    if suite.name.startswith("clm"):
-        return CausalLMTask(suite)
-    if suite.name.startswith("glue-"):
-        return GlueTask(suite)
-    raise SystemExit(f"unknown suite {suite.name!r}")
+    """The task of ``suite`` (loads its data and models)."""
+    return task_class(suite)(suite)
+
+
+def suite_model(suite: Suite) -> str:
+    """The pretrained model ``suite`` trains, ``"minilm"`` or ``"smollm2"``, without loading anything."""
+    return suite.settings.get("teacher") or task_class(suite).model_name

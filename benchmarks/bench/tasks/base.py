@@ -14,9 +14,12 @@ class Task:
     """Data, model and loss of one suite; everything a run needs besides the method.
 
     A task sets ``self.train`` (its training items) in ``__init__`` and implements the methods below ``batches``.
+    Besides the held-out set it reports (``evaluate``), a task may have a validation set (``validate``) for choosing
+    learning rates: never trained on, and not the reported one.
     """
 
     train: list[Any]
+    model_name = "minilm"  # the pretrained model: "minilm" or "smollm2" (full fine-tuning runs on MiniLM only)
 
     def __init__(self, suite: Suite):
         self.suite = suite
@@ -47,9 +50,17 @@ class Task:
         """The training loss of ``model`` on one batch (a scalar tensor)."""
         raise NotImplementedError
 
+    def model_inputs(self, batch) -> dict:
+        """The keyword inputs of the model's forward in one batch, without targets (EVA's initialisation)."""
+        raise NotImplementedError
+
     def evaluate(self, model) -> dict:
         """Held-out metrics of ``model``."""
         raise NotImplementedError
+
+    def validate(self, model) -> dict | None:
+        """The same metrics on the validation set; ``None`` where the task has none."""
+        return None
 
     def finish(self, metrics: dict, base_metrics: dict) -> dict:
         """The metrics a run records, given the base model's (e.g. the share of its error removed)."""

@@ -43,6 +43,10 @@ CORPORA = {"sst2": review_texts, "news": news_texts, "wiki": wiki_texts}
 
 
 class CausalLMTask(Task):
+    """Held-out: the first 128 dev blocks; validation: the next 128."""
+
+    model_name = "smollm2"
+
     def __init__(self, suite: Suite):
         super().__init__(suite)
         import torch
@@ -56,6 +60,7 @@ class CausalLMTask(Task):
         self.train = list(self._blocks([transform(t) for t in corpus("train")], length))
         dev = list(self._blocks([transform(t) for t in corpus("dev")], length))
         self.dev = torch.stack(dev[:128])
+        self.val = torch.stack(dev[128:256]) if len(dev) >= 256 else None
 
     def _blocks(self, texts: list[str], length: int) -> Iterator[Any]:
         import torch
@@ -82,17 +87,27 @@ class CausalLMTask(Task):
     def loss(self, model, batch) -> Any:
         return model(input_ids=batch, labels=batch).loss
 
+    def model_inputs(self, batch) -> dict:
+        return {"input_ids": batch}
+
     def evaluate(self, model) -> dict:
+        return {"eval_loss": self._mean_loss(model, self.dev)}
+
+    def validate(self, model) -> dict | None:
+        return None if self.val is None else {"eval_loss": self._mean_loss(model, self.val)}
+
+    @staticmethod
+    def _mean_loss(model, blocks) -> float:
         import torch
 
         model.eval()
         total = 0.0
         with torch.no_grad():
-            for start in range(0, len(self.dev), 32):
-                x = self.dev[start : start + 32]
+            for start in range(0, len(blocks), 32):
+                x = blocks[start : start + 32]
                 total += float(model(input_ids=x, labels=x).loss) * len(x)
         model.train()
-        return {"eval_loss": total / len(self.dev)}
+        return total / len(blocks)
 
     def finish(self, metrics: dict, base_metrics: dict) -> dict:
         metrics["base_loss"] = base_metrics["eval_loss"]

@@ -38,7 +38,8 @@ class DistillTask(Task):
     ``W s + b`` (384 -> 768, least squares from the *base* student's embeddings on the training sentences) maps
     the student's normalised mean-pooled embedding ``s`` into the teacher's space; it is the same for every
     method and seed and is not trained, so the base model with it is the best linear read-out and the adapters
-    learn what it cannot. Teacher embeddings and the read-out are computed once and cached.
+    learn what it cannot. Teacher embeddings and the read-out are computed once and cached. No validation set: the
+    teacher's embeddings of more sentences would need the teacher at run time (the suite is not tuned).
     """
 
     def __init__(self, suite: Suite):
@@ -140,6 +141,9 @@ class DistillTask(Task):
 
     def targets(self) -> list[str]:
         return MINILM_TARGETS
+
+    def model_inputs(self, batch) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def loss(self, model, batch) -> Any:
         prediction = self.pooled(model, batch) @ self.readout_weight.T + self.readout_bias

@@ -11,8 +11,14 @@ from ..suites import Suite
 from ..transforms import text_transform
 from .base import MINILM_TARGETS, Task
 
+#: validation rows: this many from the GLUE training split outside the fixed training subset (SST-2's dev size)
+VALIDATION_ROWS = 872
+
 
 class GlueTask(Task):
+    """Held-out: the full dev set; validation: ``VALIDATION_ROWS`` training rows outside the training subset (none
+    where the subset is the whole training split, as on STS-B)."""
+
     def __init__(self, suite: Suite):
         super().__init__(suite)
         from transformers import AutoTokenizer
@@ -24,7 +30,9 @@ class GlueTask(Task):
         self.transform = text_transform(suite.settings.get("transform"))  # the same rewriting of train and dev
         train, _ = data.load_split(self.task, "train", data.default_glue_dir())
         dev, _ = data.load_split(self.task, "dev", data.default_glue_dir())
-        train = data.take_subset(train, suite.settings.get("train_limit", 8000))
+        limit = suite.settings.get("train_limit", 8000)
+        self._val_source = data.rows_outside_subset(train, limit, VALIDATION_ROWS)  # encoded when first validated
+        train = data.take_subset(train, limit)
         self.train = self._encode(train)
         self.dev_rows = self._encode(dev)
         self.label_mean = statistics.fmean(train["label"]) if self.spec.num_labels == 1 else None
@@ -70,14 +78,25 @@ class GlueTask(Task):
     def loss(self, model, batch) -> Any:
         return model(**batch).loss
 
+    def model_inputs(self, batch) -> dict:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
     def evaluate(self, model) -> dict:
+        return self._scores(model, self.dev_rows)
+
+    def validate(self, model) -> dict | None:
+        if not self._val_source["label"]:
+            return None
+        return self._scores(model, self._encode(self._val_source))
+
+    def _scores(self, model, rows: list[dict]) -> dict:
         import torch
 
         model.eval()
         preds, labels, total = [], [], 0.0
         with torch.no_grad():
-            for start in range(0, len(self.dev_rows), 128):
-                batch = self.collate(self.dev_rows[start : start + 128])
+            for start in range(0, len(rows), 128):
+                batch = self.collate(rows[start : start + 128])
                 out = model(**batch)
                 total += float(out.loss) * len(batch["labels"])
                 logits = out.logits

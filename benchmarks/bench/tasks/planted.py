@@ -23,11 +23,15 @@ PLANTED = [
     (5, "output.dense", 12),
 ]
 PLANTED_STRENGTH = 0.5  # each planted singular value, relative to the module weight's largest one
+#: the validation sentences: SST-2 training sentences no student trains on (they train on the first 8,000)
+VALIDATION_SENTENCES = slice(60000, 60872)
 
 
 class HiddenStateTask(Task):
     """Students match a fixed teacher's last hidden states (masked MSE); the metric is the share of the base model's
-    held-out error removed. A subclass builds the teacher (:meth:`plant`) and names the model and targets."""
+    held-out error removed. A subclass builds the teacher (:meth:`plant`) and names the model and targets.
+
+    Held-out: the SST-2 dev sentences; validation: ``VALIDATION_SENTENCES`` of the training split."""
 
     max_length: int  # tokens per sentence
 
@@ -42,7 +46,8 @@ class HiddenStateTask(Task):
         self.train = [self._encode(s) for s in sst2_sentences("train")[:8000]]
         self.dev = self.collate([self._encode(s) for s in sst2_sentences("dev")])
         with torch.no_grad():  # the teacher is fixed: its held-out targets are computed once
-            self.dev_targets = [self.teacher(**batch).last_hidden_state for batch in self._dev_batches()]
+            self.dev_targets = [self.teacher(**batch).last_hidden_state for batch in self._batches_of(self.dev)]
+        self._val: tuple[dict, list] | None = None  # built when first validated
 
     def model_path(self) -> Any:
         raise NotImplementedError
@@ -51,9 +56,10 @@ class HiddenStateTask(Task):
         """Add the changes to ``teacher``'s weights in place; return the changed modules and their ranks."""
         raise NotImplementedError
 
-    def _dev_batches(self) -> Iterator[dict]:
-        for start in range(0, len(self.dev["input_ids"]), 128):
-            yield {k: v[start : start + 128] for k, v in self.dev.items()}
+    @staticmethod
+    def _batches_of(rows: dict) -> Iterator[dict]:
+        for start in range(0, len(rows["input_ids"]), 128):
+            yield {k: v[start : start + 128] for k, v in rows.items()}
 
     def _encode(self, text: str) -> dict:
         return self.tokenizer(text, truncation=True, max_length=self.max_length)
@@ -71,17 +77,31 @@ class HiddenStateTask(Task):
         mask = batch["attention_mask"].unsqueeze(-1).to(output.dtype)
         return ((output - target).pow(2) * mask).sum() / (mask.sum() * output.shape[-1])
 
+    def model_inputs(self, batch) -> dict:
+        return dict(batch)
+
     def evaluate(self, model) -> dict:
+        return {"eval_mse": self._mse(model, self.dev, self.dev_targets)}
+
+    def validate(self, model) -> dict | None:
+        if self._val is None:
+            import torch
+
+            rows = self.collate([self._encode(s) for s in sst2_sentences("train")[VALIDATION_SENTENCES]])
+            with torch.no_grad():
+                self._val = rows, [self.teacher(**batch).last_hidden_state for batch in self._batches_of(rows)]
+        return {"eval_mse": self._mse(model, *self._val)}
+
+    def _mse(self, model, rows: dict, targets: list) -> float:
         import torch
 
         model.eval()
         losses = []
         with torch.no_grad():
-            for batch, target in zip(self._dev_batches(), self.dev_targets):
+            for batch, target in zip(self._batches_of(rows), targets):
                 losses.append((float(self.loss(model, batch, target)), len(batch["input_ids"])))
         model.train()
-        loss = sum(v * n for v, n in losses) / sum(n for _, n in losses)
-        return {"eval_mse": loss}
+        return sum(v * n for v, n in losses) / sum(n for _, n in losses)
 
     def finish(self, metrics: dict, base_metrics: dict) -> dict:
         return with_gap_closed(metrics, base_metrics)
@@ -130,6 +150,7 @@ class FamilyTask(HiddenStateTask):
 
     def __init__(self, suite: Suite):
         self.member = family.member(suite.settings["member"])
+        self.model_name = self.member.teacher
         super().__init__(suite)
 
     def model_path(self) -> Any:

@@ -1,0 +1,123 @@
+"""The report's planted-family section, by the pre-registered rules (benchmarks/RESULTS.md, "the planted family").
+
+Members are the suites ``family-00`` .. (:mod:`bench.family`), one seed (0) each: the members are the replicates.
+A member *has something to find* when ``oracle - lora > SOMETHING_TO_FIND``; a method's *share* there is
+``(method - lora) / (oracle - lora)``; a method is *worse* on a member when ``method - lora < WORSE`` (2.5x the seed
+spread of uniform LoRA on ``planted``). Per role (``member(i).role``: choose / report), each method's mean share with
+its 95% t interval over the members with something to find, and its count of worse members.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from . import family
+from .stats import summarise
+from .tables import Results, markdown_table, method_order
+
+SOMETHING_TO_FIND = 0.02
+WORSE = -0.01
+SEED = 0
+METRIC = "gap_closed"
+
+
+def member_index(suite_name: str) -> int:
+    return int(suite_name.removeprefix("family-"))
+
+
+def value(results: Results, method: str) -> float | None:
+    run = results.get(method, {}).get(SEED)
+    return None if run is None else run["metrics"][METRIC]
+
+
+def member_facts(results: Results) -> tuple[float | None, float | None]:
+    """``(lora, oracle - lora)`` on one member (``None`` where a run is missing)."""
+    lora, oracle = value(results, "lora"), value(results, "oracle")
+    return lora, None if lora is None or oracle is None else oracle - lora
+
+
+def share(results: Results, method: str) -> tuple[float | None, bool]:
+    """The method's share of the oracle gap on one member (``None``: nothing to find, or not run) and whether it is
+    worse than uniform LoRA there."""
+    lora, gap = member_facts(results)
+    mine = value(results, method)
+    if mine is None or lora is None:
+        return None, False
+    worse = mine - lora < WORSE
+    if gap is None or gap <= SOMETHING_TO_FIND:
+        return None, worse
+    return (mine - lora) / gap, worse
+
+
+def family_methods(tree: dict[str, Results]) -> list[str]:
+    names = {m for results in tree.values() for m in results} - {"lora", "oracle"}
+    return sorted(names, key=method_order)
+
+
+def member_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
+    rows = []
+    for name, results in sorted(tree.items()):
+        member = family.member(member_index(name))
+        _, gap = member_facts(results)
+        cells = []
+        for method in methods:
+            mine, worse = share(results, method)
+            ran = value(results, method) is not None
+            text = "–" if mine is None else f"{mine:.2f}"
+            cells.append(text + (" ✗" if worse else "") if ran else "")
+        rows.append(
+            [
+                name,
+                member.role,
+                member.teacher,
+                str(member.r),
+                str(len(member.changes)),
+                "–" if gap is None else f"{gap:+.4f}",
+                "yes" if gap is not None and gap > SOMETHING_TO_FIND else "no",
+                *cells,
+            ]
+        )
+    return rows
+
+
+def role_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
+    rows = []
+    for role in ("choose", "report"):
+        members = {n: r for n, r in tree.items() if family.member(member_index(n)).role == role}
+        for method in methods:
+            outcomes = [share(results, method) for results in members.values() if value(results, method) is not None]
+            if not outcomes:
+                continue
+            shares = [s for s, _ in outcomes if s is not None]
+            stats = summarise(shares)
+            if stats is not None:
+                mean = f"{stats[0]:.2f} ± {stats[2]:.2f}"
+            else:
+                mean = f"{statistics.fmean(shares):.2f}" if shares else "–"
+            worse = sum(w for _, w in outcomes)
+            rows.append([role, method, mean, str(len(shares)), f"{worse}/{len(outcomes)}"])
+    return rows
+
+
+def family_section(tree: dict[str, Results]) -> list[str]:
+    """Per member and per role, as pre-registered; ``tree`` holds the family suites with runs."""
+    if not tree:
+        return []
+    methods = family_methods(tree)
+    member_header = ["member", "role", "teacher", "r", "changed modules", "oracle − lora", "something to find"]
+    return [
+        "## The planted family",
+        "",
+        f"One seed ({SEED}) per member; metric `{METRIC}` (share of the teacher gap closed on held-out sentences). "
+        f"Something to find: oracle − lora > {SOMETHING_TO_FIND}. Each method's cell: its share of the oracle gap, "
+        f"(method − lora) / (oracle − lora), where there is something to find ('–' elsewhere); ✗: worse than uniform "
+        f"LoRA (method − lora < {WORSE}); empty: not run.",
+        "",
+        *markdown_table(member_header + methods, member_rows(tree, methods)),
+        "",
+        "Per role: mean share ± half-width of the 95% t interval over the members with something to find (n), and "
+        "the members where the method is worse than uniform LoRA (of those it ran on).",
+        "",
+        *markdown_table(["role", "method", "mean share", "n", "worse"], role_rows(tree, methods)),
+        "",
+    ]

@@ -1,0 +1,148 @@
+"""The report's overviews, one row per suite: the two calibrations (is there something to find?) with the default's
+captured share of the hindsight gain, and the peers side by side (each method against uniform LoRA), which is also
+written as ``summary.md`` for the project README and drawn as the forest plot.
+
+The rules are the pre-registered ones (benchmarks/RESULTS.md, "Where does allocation pay?"): check 1, rank binds,
+``lora-4x - lora`` better outside the paired 95% t interval; check 2, allocation can pay,
+``fixed-hindsight-random - lora`` better outside it; on a suite passing both, the shipped default's captured share
+``mean(default - lora) / mean(hindsight - lora)`` over the seeds all three have, with its 95% Fieller interval.
+"""
+
+from __future__ import annotations
+
+from .methods import SHIPPED_DEFAULT
+from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
+from .suites import SUITES
+from .tables import PEER_COLUMNS, Results, diff_cell, markdown_table
+
+RANK_BINDS, CAN_PAY = "lora-4x", "fixed-hindsight-random"
+Tree = dict[str, Results]  # {suite: its results}, the suites an overview covers
+
+
+def overview_suites(tree: Tree) -> Tree:
+    """The suites the overviews cover: those with runs, the planted family aside (its own section)."""
+    return {name: results for name, results in tree.items() if results and not name.startswith("family-")}
+
+
+# --- calibrations ------------------------------------------------------------------------------------------
+
+
+def captured_share(results: Results, metric: str) -> tuple[float, float | None, float | None, int] | None:
+    """The default's share of the hindsight gain with its Fieller interval, and the seeds it is over."""
+    lora = results.get("lora", {})
+    default = paired_differences(results.get(SHIPPED_DEFAULT, {}), lora, metric)
+    hindsight = paired_differences(results.get(CAN_PAY, {}), lora, metric)
+    seeds = sorted(set(default) & set(hindsight))
+    ratio = fieller([default[s] for s in seeds], [hindsight[s] for s in seeds])
+    return None if ratio is None else (*ratio, len(seeds))
+
+
+def share_cell(share: tuple[float, float | None, float | None, int] | None) -> str:
+    if share is None:
+        return "–"
+    ratio, low, high, n = share
+    interval = "unbounded" if low is None else f"[{low:.2f}, {high:.2f}]"
+    return f"{ratio:.2f}, 95% {interval} ({n} seeds)"
+
+
+def calibration_rows(tree: Tree) -> list[list[str]]:
+    rows = []
+    for name, results in tree.items():
+        suite = SUITES[name]
+        lora = results.get("lora", {})
+        checks: list[Diff | None] = [
+            paired(results[method], lora, suite.metric) if method in results else None
+            for method in (RANK_BINDS, CAN_PAY)
+        ]
+        both = all(is_better(check, suite.higher_is_better) for check in checks)
+        cells = [verdict(check, suite.higher_is_better) if check else "–" for check in checks]
+        share = share_cell(captured_share(results, suite.metric)) if both else "–"
+        rows.append([name, f"`{suite.metric}`", *cells, "✓" if both else "", share])
+    return rows
+
+
+def calibration_summary(tree: Tree) -> list[str]:
+    """The summary table at the top of the report: both checks per suite, the suites passing both marked."""
+    header = [
+        "suite",
+        "metric",
+        "check 1, rank binds: lora-4x − lora",
+        "check 2, allocation can pay: fixed-hindsight-random − lora",
+        "both",
+        f"default's captured share of the hindsight gain (`{SHIPPED_DEFAULT}`)",
+    ]
+    return [
+        "## Summary: is there something to find?",
+        "",
+        "Paired by seed, mean ± half-width of the 95% t interval (seeds where the method is better / seeds); a check "
+        "passes when the difference is **better** outside the interval (pre-registered in benchmarks/RESULTS.md). "
+        "On the suites passing both (✓): the shipped default's share of the hindsight gain, "
+        "mean(default − lora) / mean(hindsight − lora), with its 95% Fieller interval.",
+        "",
+        *markdown_table(header, calibration_rows(tree)),
+        "",
+    ]
+
+
+# --- peers -------------------------------------------------------------------------------------------------
+
+
+def peer_differences(name: str, results: Results) -> dict[str, Diff | None]:
+    """Each peers-comparison method's paired difference to uniform LoRA on suite ``name`` (absent: not run)."""
+    suite, lora = SUITES[name], results.get("lora", {})
+    return {m: paired(results[m], lora, suite.metric) for m in PEER_COLUMNS if m in results and m != "lora"}
+
+
+def peer_columns(tree: Tree) -> list[str]:
+    """The columns: every method of ``PEER_COLUMNS``, full fine-tuning only where some suite ran it."""
+    ran_full = any("full" in results for results in tree.values())
+    return [m for m in PEER_COLUMNS if m != "full" or ran_full]
+
+
+def peer_rows(tree: Tree) -> list[list[str]]:
+    columns = peer_columns(tree)
+    rows = []
+    for name, results in tree.items():
+        suite = SUITES[name]
+        if "lora" not in results:
+            continue
+        values = [run["metrics"][suite.metric] for run in results["lora"].values()]
+        direction = "↑" if suite.higher_is_better else "↓"
+        cells = [f"{sum(values) / len(values):.4f} ({len(values)})"]
+        differences = peer_differences(name, results)
+        cells += [diff_cell(differences.get(m), suite.higher_is_better) for m in columns if m != "lora"]
+        rows.append([f"{name} (`{suite.metric}` {direction})", *cells])
+    return rows
+
+
+def peers_table(tree: Tree) -> list[str]:
+    header = ["suite (metric, ↑ higher / ↓ lower is better)", *(PEER_COLUMNS[m] for m in peer_columns(tree))]
+    return markdown_table(header, peer_rows(tree))
+
+
+PEERS_NOTE = (
+    "Each cell: method − uniform LoRA, paired by seed, mean ± half-width of the 95% t interval, **better**/**worse** "
+    "when the interval excludes 0 (inside otherwise), (seeds); the uniform LoRA column is its mean metric (seeds). "
+    "Every method at the suite's learning rate and the same final budget as uniform LoRA at rank r (AdaLoRA and EVA "
+    "budget ranks, not parameters: their counts are in each suite's table); LoRA 4× (4× the budget) and the "
+    "hindsight allocation are references, not competitors. '–': not run."
+)
+
+
+def peers_summary(tree: Tree) -> list[str]:
+    """The peers side by side, one row per suite (report.md's section)."""
+    return ["## Peers side by side: each method against uniform LoRA", "", PEERS_NOTE, "", *peers_table(tree), ""]
+
+
+def summary_markdown(tree: Tree) -> str:
+    """``summary.md``: the peers table, compact, for the project README to copy."""
+    return "\n".join(
+        [
+            "<!-- written by `python benchmarks/allocation_bench.py report` from benchmarks/results/allocation/ -->",
+            "",
+            *peers_table(tree),
+            "",
+            PEERS_NOTE,
+            "",
+        ]
+    )

@@ -1,0 +1,52 @@
+"""What the report's sections share: the results of a suite by method and seed, the display order of methods, the
+compact cell of a paired difference, and Markdown tables."""
+
+from __future__ import annotations
+
+from .methods import SHIPPED_DEFAULT
+from .stats import Diff, is_better
+
+Results = dict[str, dict[int, dict]]  # {method: {seed: run record}}
+
+#: The methods of the peers comparison, in column order, with their column titles: uniform LoRA (the reference),
+#: the shipped default, PEFT's AdaLoRA and EVA, then the reference columns (calibration, hindsight, full).
+PEER_COLUMNS = {
+    "lora": "uniform LoRA",
+    SHIPPED_DEFAULT: "our default",
+    "adalora": "AdaLoRA",
+    "eva": "EVA ρ=2",
+    "eva-rho1": "EVA ρ=1",
+    "lora-4x": "LoRA 4× (calibration)",
+    "fixed-hindsight-random": "hindsight allocation",
+    "full": "full fine-tuning",
+}
+
+
+def method_order(name: str) -> tuple:
+    """Sort key: uniform LoRA and its calibration first, then the defaults and the oracle, then the rest by name."""
+    order = ["lora", "lora-4x", "adaptive", "oracle", SHIPPED_DEFAULT]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def verdict_word(diff: Diff | None, higher_is_better: bool) -> str:
+    """**better** / **worse** outside the 95% interval, "inside" otherwise."""
+    if diff is None:
+        return "n/a"
+    if is_better(diff, higher_is_better):
+        return "**better**"
+    mean, _, half, _, _ = diff
+    return "**worse**" if abs(mean) > half else "inside"
+
+
+def diff_cell(diff: Diff | None, higher_is_better: bool) -> str:
+    """``+0.0123 ± 0.0045 better (3)``: a paired difference, its 95% half-width, the verdict word and the seeds."""
+    if diff is None:
+        return "–"
+    mean, _, half, n, _ = diff
+    return f"{mean:+.4f} ± {half:.4f} {verdict_word(diff, higher_is_better)} ({n})"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
