@@ -477,7 +477,10 @@ def wrap_for_loop(
     torch.manual_seed(seed)  # the same adapter initialisation in every round
     total, _ = phase_plan(config, shape)
     if config == "base":
-        base.enable_input_require_grads()  # a backward through every layer, with no weight gradient
+        # a backward through every layer, with no weight gradient: a freshly built or loaded model's weights require
+        # gradients (only PEFT freezes them), so without this the first round would time a full backward
+        base.requires_grad_(False)
+        base.enable_input_require_grads()
         return LoopMethod(base, None, lambda step: None)
     if config == "eva":
         model = eva_model(base, r)

@@ -51,3 +51,18 @@ def test_trainer_engine_measures_eva_with_its_init_apart(tmp_path):
 def test_trainer_engine_refuses_the_frozen_base(tmp_path):
     with pytest.raises(SystemExit, match="needs --engine loop"):
         overhead.main(["overhead.py", "--mode", "tiny", "--configs", "base", "--out", str(tmp_path)])
+
+
+def test_frozen_base_computes_no_weight_gradient():
+    """The base row is the frozen model's forward and backward, in the first round too (a freshly built model's
+    weights require gradients until PEFT freezes them)."""
+    shape = overhead.SHAPES["tiny"]
+    base = overhead.build_base_model(shape, 0, device="cpu")
+    assert all(p.requires_grad for p in base.parameters())
+    seen = []
+    hooks = [p.register_hook(lambda grad: seen.append(grad)) for p in base.parameters()]
+    record, base = overhead.run_loop_config(base, "base", shape, 4, 1e-3, 0)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [] and not any(p.requires_grad for p in base.parameters())
+    assert len(record["phases"]["base"]["step_times_s"]) == shape.measure
