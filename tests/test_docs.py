@@ -7,6 +7,7 @@ what it did; ``test_every_python_block_is_run_or_marked`` fails for a block that
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import warnings
@@ -179,6 +180,33 @@ def test_configuration_errors():
 def test_how_allocation():
     (block,) = python_blocks(HOW, "Allocation")
     run_printing(block, {})
+
+
+@runs(HOW, "Your own score")
+def test_how_your_own_score():
+    """The documented score registers, the config takes it, and a trained model reallocates by it."""
+    from peft_adaptive.scores import SCORES
+
+    (block,) = python_blocks(HOW, "Your own score")
+    try:
+        namespace = run([block], {})
+        assert namespace["config"].score == "summed_gradient"
+        model = get_peft_model(tiny_llama(), dataclasses.replace(namespace["config"], signal_steps=3))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        reports = []
+        for step, batch in enumerate(token_loader(4), start=1):
+            model(**batch).loss.backward()
+            optimizer.step()
+            reports.append(model.base_model.update_and_allocate(step, optimizer))
+            optimizer.zero_grad()
+        (report,) = [r for r in reports if r is not None]
+        assert report.score == "summed_gradient"
+        # the documented score's values decide the ranks: a higher value never gets fewer ranks (equal costs)
+        ranked = sorted(zip(report.scores, report.ranks_after))
+        assert [r for _, r in ranked] == sorted(r for _, r in ranked)
+        assert len(set(report.ranks_after)) > 1
+    finally:
+        SCORES.pop("summed_gradient", None)
 
 
 @runs(HOW, "Resizing")
