@@ -131,7 +131,7 @@ def family_suite(index: int) -> Suite:
         batch_size=16,
         max_r_factor=family.MAX_R_FACTOR,
         min_r=1,
-        settings={"member": index, "teacher": member.teacher},
+        settings={"member": index, "teacher": member.teacher, "family_version": 2},
     )
 
 
