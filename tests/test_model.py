@@ -223,6 +223,43 @@ def test_optimizer_state_matches_parameters(run):
             assert state == {}
 
 
+def test_optimizer_state_reset_rule_through_reallocate():
+    """``AdaptiveLoraConfig(optimizer_state="reset")``: after the reallocation every resized factor has no state
+    (the optimizer starts it afresh at the next step), the modules that kept their rank keep theirs."""
+    model = adaptive_model(
+        "llama", r=4, signal_steps=2, optimizer_state="reset", target_modules=["q_proj", "v_proj", "up_proj"]
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    tuner = model.base_model
+    tuner.start_signal_collection()
+    ids = torch.randint(0, 100, (2, 8))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        tuner.record_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = {n: m.r["default"] for n, m in tuner.adapted_modules().items()}
+    tuner.reallocate(optimizer)
+    resized = unchanged = 0
+    for name, module in tuner.adapted_modules().items():
+        for p in (module.lora_A["default"].weight, module.lora_B["default"].weight):
+            if module.r["default"] != before[name]:
+                assert p not in optimizer.state
+                resized += 1
+            else:
+                assert float(optimizer.state[p]["step"]) == 2
+                unchanged += 1
+    assert resized > 0
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # the fresh states are created lazily
+
+
+def test_optimizer_state_rule_is_checked():
+    with pytest.raises(ValueError, match="optimizer_state.*'migrate', 'reset'"):
+        AdaptiveLoraConfig(r=2, target_modules=["q_proj"], optimizer_state="keep")
+
+
 def test_loss_keeps_falling(run):
     warmup, after = run["warmup_losses"], run["after_losses"]
     assert all(math.isfinite(x) for x in warmup + after)

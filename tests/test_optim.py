@@ -46,6 +46,20 @@ def test_shrink_resets_state():
     assert other in opt.state
 
 
+def test_reset_rule_drops_a_grown_parameters_state():
+    """``optimizer_state="reset"``: a grown parameter restarts like a fresh one (no moments, no step)."""
+    old, other = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(4))
+    opt = optimizer_with_state(old, other)
+    new = nn.Parameter(torch.randn(5, 3))
+    assert replace_optimizer_params(opt, {old: new}, {old: ResizeKind.GROW}, migrate=False) == 1
+    assert opt.param_groups[1]["params"] == [new]
+    assert new not in opt.state and old not in opt.state
+    assert other in opt.state  # parameters that were not resized keep theirs
+    new.grad = torch.ones_like(new)
+    opt.step()
+    assert float(opt.state[new]["step"]) == 1
+
+
 def test_state_that_is_not_per_entry_is_reset_on_grow():
     old, other = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(4))
     opt = optimizer_with_state(old, other)

@@ -14,7 +14,9 @@ the same rank distribution in other places), all at the same budget through
 ``grow-<alloc>-<growth>`` warms up at rank r/2 and only adds ranks; ``prune-<alloc>-<growth>`` warms up at 2r
 (AdaLoRA's ``init_r > target_r``) and cuts to the budget, keeping each module's leading learned directions.
 ``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``; ``...+max<K>r`` caps
-every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more conservative default). ``fixed-<alloc>-<growth>``
+every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more conservative default);
+``...+reset`` restarts the optimizer state of every resized module (``optimizer_state="reset"``) instead of
+migrating a grown module's moments. ``fixed-<alloc>-<growth>``
 is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
 ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 ``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
@@ -73,6 +75,7 @@ class Method:
     max_r_factor: int | None = None  # overrides the suite's max_r = max_r_factor * r (``...+max<K>r``)
     lr_factor: float = 1.0  # multiplies the suite's learning rate (``...+lr<k>x``)
     eva_rho: float | None = None  # eva only: EvaConfig.rho
+    optimizer_state: str = "migrate"  # AdaptiveLoraConfig.optimizer_state (``...+reset``: "reset")
 
 
 # kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
@@ -90,7 +93,7 @@ def parse_method(name: str) -> Method:
 
 SUFFIX_GRAMMAR = (
     "the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r (max_r = K * r, K >= 1, e.g. +max2r) for "
-    "warm/grow/prune/calib/fixed methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
+    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset') for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
 )
 
 
@@ -126,6 +129,8 @@ def _with_suffix(name: str, method: Method, suffix: str) -> Method:
         return replace(method, signal_steps=int(steps[1]))
     if adaptive and (factor := re.fullmatch(r"max([1-9]\d*)r", suffix)):
         return replace(method, max_r_factor=int(factor[1]))
+    if suffix == "reset" and method.kind in SIGNAL_STEP_KINDS:
+        return replace(method, optimizer_state="reset")
     raise SystemExit(f"unknown method {name!r}: {SUFFIX_GRAMMAR}")
 
 
@@ -298,6 +303,7 @@ def build(method: Method, task: Task, model, seed: int = 0):
             score=score,
             growth=method.growth,
             score_exponent=method.exponent,
+            optimizer_state=method.optimizer_state,
         )
     peft_model = get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
     if method.kind in ("grow", "prune"):

@@ -22,6 +22,8 @@ from .scores import SCORES
 
 #: Values of ``AdaptiveLoraConfig.growth``.
 GROWTH_RULES = ("gradient", "random")
+#: Values of ``AdaptiveLoraConfig.optimizer_state``.
+OPTIMIZER_STATE_RULES = ("migrate", "reset")
 
 ADAPTIVE_PEFT_TYPE = ensure_peft_type()
 
@@ -97,6 +99,14 @@ class AdaptiveLoraConfig(LoraConfig):
         metadata={
             "help": "Directions a growing module's new rows of A take: 'gradient' (the accumulated gradient's "
             "leading input directions it does not have yet) or 'random'. B stays zero there either way."
+        },
+    )
+    optimizer_state: str = field(
+        default="migrate",
+        metadata={
+            "help": "What a resized module's optimizer state becomes at the reallocation: 'migrate' (a grown "
+            "module keeps its moments, the new entries start from the row means; a shrunk one is reset) or 'reset' "
+            "(every resized module restarts its state, as a fresh parameter). See peft_adaptive.optim."
         },
     )
     sketch_size: int | None = field(
@@ -178,6 +188,12 @@ class AdaptiveLoraConfig(LoraConfig):
         _require(self.score in SCORES, "score", self.score, "one of " + ", ".join(repr(x) for x in SCORES))
         _require(
             self.growth in GROWTH_RULES, "growth", self.growth, "one of " + ", ".join(repr(x) for x in GROWTH_RULES)
+        )
+        _require(
+            self.optimizer_state in OPTIMIZER_STATE_RULES,
+            "optimizer_state",
+            self.optimizer_state,
+            "one of " + ", ".join(repr(x) for x in OPTIMIZER_STATE_RULES),
         )
         _require(
             isinstance(self.sketch_size, int) and self.sketch_size >= 1,

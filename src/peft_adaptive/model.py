@@ -531,7 +531,8 @@ class AdaptiveLoraModel(LoraModel):
             replaced.update(swaps)
             kinds.update(dict.fromkeys(swaps, kind))
         if optimizer is not None and replaced:
-            if replace_optimizer_params(optimizer, replaced, kinds) == 0:
+            migrate = self.peft_config[adapter_name].optimizer_state == "migrate"
+            if replace_optimizer_params(optimizer, replaced, kinds, migrate) == 0:
                 raise ValueError("the optimizer holds none of the adapter's parameters: pass the one that trains it")
         if removed:
             config = self.peft_config[adapter_name]

@@ -30,12 +30,14 @@ def replace_optimizer_params(
     optimizer: torch.optim.Optimizer,
     replaced: Mapping[nn.Parameter, nn.Parameter | None],
     kinds: Mapping[nn.Parameter, ResizeKind],
+    migrate: bool = True,
 ) -> int:
     """Swap ``old -> new`` parameters in ``optimizer`` and migrate or reset their state.
 
     A ``None`` new parameter removes the old one (a module whose rank went to 0). Works through wrappers
     that proxy ``param_groups``/``state`` (accelerate's ``AcceleratedOptimizer``). Returns the number of
-    parameters swapped or removed. Raises if an old parameter is not in the optimizer while others are
+    parameters swapped or removed. ``migrate=False`` resets the state of every swapped parameter, grown ones
+    included (``AdaptiveLoraConfig(optimizer_state="reset")``). Raises if an old parameter is not in the optimizer while others are
     (a half-updated optimizer would silently train stale tensors).
     """
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -53,7 +55,7 @@ def replace_optimizer_params(
             if new is None:
                 continue
             kept.append(new)
-            if old_state and kinds[param] is ResizeKind.GROW and _is_paddable(old_state, param):
+            if migrate and old_state and kinds[param] is ResizeKind.GROW and _is_paddable(old_state, param):
                 state[new] = {key: _grow_state(key, value, param, new) for key, value in old_state.items()}
         group["params"][:] = kept
     if 0 < swapped < len(replaced):
