@@ -255,6 +255,59 @@ def test_optimizer_state_reset_rule_through_reallocate():
     optimizer.step()  # the fresh states are created lazily
 
 
+def _reallocated(resize_scaling: str, rslora: bool):
+    """A tiny Llama trained 2 signal steps and reallocated; returns the model, its optimizer, the ranks and
+    scalings before, and the ``B`` second moments before, by module."""
+    model = adaptive_model(
+        "llama", r=4, lora_alpha=8, use_rslora=rslora, signal_steps=2, resize_scaling=resize_scaling, lora_dropout=0.0
+    )
+    tuner = model.base_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner.start_signal_collection()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        tuner.record_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    modules = tuner.adapted_modules()
+    before = {n: (m.r["default"], m.scaling["default"]) for n, m in modules.items()}
+    moments = {n: optimizer.state[m.lora_B["default"].weight]["exp_avg_sq"].clone() for n, m in modules.items()}
+    tuner.reallocate(optimizer)
+    return model.eval(), optimizer, before, moments
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rank_scaling_after_reallocate(rslora):
+    """``resize_scaling="rank"``: every resized module ends with the scaling plain LoRA gives its new rank with the
+    configured alpha, the model computes what ``"keep"`` makes of the same run (the scaling moved into ``B``), a
+    migrated ``B``'s moments are in the units of its new gradients, and no per-module alpha is left to save."""
+    model, optimizer, before, moments = _reallocated("rank", rslora)
+    kept, *_ = _reallocated("keep", rslora)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, kept(input_ids=ids).logits, atol=1e-5)
+    grown = changed = 0
+    for name, module in model.base_model.adapted_modules().items():
+        r = module.r["default"]
+        old_r, old_scaling = before[name]
+        assert module.lora_alpha["default"] == 8
+        assert module.scaling["default"] == pytest.approx(8 / math.sqrt(r) if rslora else 8 / r)
+        changed += r != old_r
+        if r > old_r:  # migrated: the old entries' second moments times (new scaling / old scaling)^2
+            grown += 1
+            state = optimizer.state[module.lora_B["default"].weight]["exp_avg_sq"]
+            ratio = (module.scaling["default"] / old_scaling) ** 2
+            assert torch.allclose(state[:, :old_r], moments[name] * ratio)
+    assert grown > 0 and changed > grown  # some grew, some shrank
+    assert set(model.base_model.peft_config["default"].alpha_pattern.values()) <= {8}
+
+
+def test_rank_scaling_is_refused_with_kasa():
+    with pytest.raises(ValueError, match=r"resize_scaling='rank'\) is not supported with KaSA"):
+        AdaptiveLoraConfig(r=2, target_modules=["q_proj"], resize_scaling="rank", init_lora_weights="mica")
+
+
 def test_optimizer_state_rule_is_checked():
     with pytest.raises(ValueError, match="optimizer_state.*'migrate', 'reset'"):
         AdaptiveLoraConfig(r=2, target_modules=["q_proj"], optimizer_state="keep")

@@ -16,7 +16,8 @@ the same rank distribution in other places), all at the same budget through
 ``warm-...+s<N>`` reallocates after ``N`` signal steps instead of the suite's ``warmup``; ``...+max<K>r`` caps
 every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more conservative default);
 ``...+reset`` restarts the optimizer state of every resized module (``optimizer_state="reset"``) instead of
-migrating a grown module's moments. ``fixed-<alloc>-<growth>``
+migrating a grown module's moments; ``...+rankscale`` gives every resized module the scaling of its new rank
+(``resize_scaling="rank"``) instead of keeping the one it trained with. ``fixed-<alloc>-<growth>``
 is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
 ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 ``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
@@ -76,6 +77,7 @@ class Method:
     lr_factor: float = 1.0  # multiplies the suite's learning rate (``...+lr<k>x``)
     eva_rho: float | None = None  # eva only: EvaConfig.rho
     optimizer_state: str = "migrate"  # AdaptiveLoraConfig.optimizer_state (``...+reset``: "reset")
+    resize_scaling: str = "keep"  # AdaptiveLoraConfig.resize_scaling (``...+rankscale``: "rank")
 
 
 # kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
@@ -93,7 +95,7 @@ def parse_method(name: str) -> Method:
 
 SUFFIX_GRAMMAR = (
     "the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r (max_r = K * r, K >= 1, e.g. +max2r) for "
-    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset') for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
+    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset') and +rankscale (resize_scaling='rank') for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
 )
 
 
@@ -131,6 +133,8 @@ def _with_suffix(name: str, method: Method, suffix: str) -> Method:
         return replace(method, max_r_factor=int(factor[1]))
     if suffix == "reset" and method.kind in SIGNAL_STEP_KINDS:
         return replace(method, optimizer_state="reset")
+    if suffix == "rankscale" and method.kind in SIGNAL_STEP_KINDS:
+        return replace(method, resize_scaling="rank")
     raise SystemExit(f"unknown method {name!r}: {SUFFIX_GRAMMAR}")
 
 
@@ -304,6 +308,7 @@ def build(method: Method, task: Task, model, seed: int = 0):
             growth=method.growth,
             score_exponent=method.exponent,
             optimizer_state=method.optimizer_state,
+            resize_scaling=method.resize_scaling,
         )
     peft_model = get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
     if method.kind in ("grow", "prune"):

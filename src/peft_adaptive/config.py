@@ -24,6 +24,8 @@ from .scores import SCORES
 GROWTH_RULES = ("gradient", "random")
 #: Values of ``AdaptiveLoraConfig.optimizer_state``.
 OPTIMIZER_STATE_RULES = ("migrate", "reset")
+#: Values of ``AdaptiveLoraConfig.resize_scaling``.
+RESIZE_SCALING_RULES = ("keep", "rank")
 
 ADAPTIVE_PEFT_TYPE = ensure_peft_type()
 
@@ -109,6 +111,14 @@ class AdaptiveLoraConfig(LoraConfig):
             "(every resized module restarts its state, as a fresh parameter). See peft_adaptive.optim."
         },
     )
+    resize_scaling: str = field(
+        default="keep",
+        metadata={
+            "help": "A resized module's scaling: 'keep' (the scaling it trained with; lora_alpha is rescaled per "
+            "module and saved in alpha_pattern) or 'rank' (the scaling LoRA gives its new rank with the configured "
+            "lora_alpha: alpha / r, or alpha / sqrt(r) with use_rslora; B is rescaled so the output is unchanged)."
+        },
+    )
     sketch_size: int | None = field(
         default=None,
         metadata={"help": "Rows of each module's gradient sketch (default: max_r + 8). Only used when needed."},
@@ -189,6 +199,18 @@ class AdaptiveLoraConfig(LoraConfig):
         _require(
             self.growth in GROWTH_RULES, "growth", self.growth, "one of " + ", ".join(repr(x) for x in GROWTH_RULES)
         )
+        _require(
+            self.resize_scaling in RESIZE_SCALING_RULES,
+            "resize_scaling",
+            self.resize_scaling,
+            "one of " + ", ".join(repr(x) for x in RESIZE_SCALING_RULES),
+        )
+        if self.resize_scaling == "rank" and (self.kasa_config is not None or self.init_lora_weights == "mica"):
+            raise ValueError(
+                "AdaptiveLoraConfig(resize_scaling='rank') is not supported with KaSA (kasa_config) or MiCA "
+                "(init_lora_weights='mica'): their B is kept orthonormal, so the scaling cannot move into it; "
+                "use resize_scaling='keep'"
+            )
         _require(
             self.optimizer_state in OPTIMIZER_STATE_RULES,
             "optimizer_state",

@@ -16,7 +16,7 @@ from . import distributed as _distributed
 from .config import AdaptiveLoraConfig
 from .fsdp import check_adapter_unsharded
 from .naming import pattern_key
-from .optim import replace_optimizer_params
+from .optim import replace_optimizer_params, rescale_state
 from .resize import (
     ResizeKind,
     cost_per_rank,
@@ -24,6 +24,7 @@ from .resize import (
     layer_adapter_parameters,
     lora_factors,
     lora_parameters,
+    match_rank_scaling,
     resize_lora_layer,
 )
 from .scores import get_score
@@ -517,6 +518,8 @@ class AdaptiveLoraModel(LoraModel):
         directions = directions or {}
         generator = torch.Generator().manual_seed(seed)
         replaced, kinds, removed = {}, {}, []
+        config = self.peft_config[adapter_name]
+        b_factors: dict[torch.nn.Parameter, float] = {}  # resize_scaling="rank": new B -> what it was multiplied by
         for name in sorted(ranks):
             layer = modules[name]
             if ranks[name] == 0:
@@ -527,15 +530,18 @@ class AdaptiveLoraModel(LoraModel):
                 removed.append(name)
                 continue
             resize = initialise_lora_layer if initialise and _untrained(layer, adapter_name) else resize_lora_layer
+            alpha = layer.lora_alpha[adapter_name]
             kind, swaps = resize(layer, adapter_name, ranks[name], generator, directions.get(name))
             replaced.update(swaps)
             kinds.update(dict.fromkeys(swaps, kind))
+            if swaps and config.resize_scaling == "rank":
+                b_factors[lora_parameters(layer, adapter_name)[1]] = match_rank_scaling(layer, adapter_name, alpha)
         if optimizer is not None and replaced:
-            migrate = self.peft_config[adapter_name].optimizer_state == "migrate"
-            if replace_optimizer_params(optimizer, replaced, kinds, migrate) == 0:
+            if replace_optimizer_params(optimizer, replaced, kinds, config.optimizer_state == "migrate") == 0:
                 raise ValueError("the optimizer holds none of the adapter's parameters: pass the one that trains it")
+            for param, factor in b_factors.items():  # a migrated B's moments, in the units of its new scaling
+                rescale_state(optimizer, param, 1.0 / factor)
         if removed:
-            config = self.peft_config[adapter_name]
             config.target_modules = sorted(self.adapted_modules(adapter_name))
         self._record_patterns(adapter_name)
         return removed

@@ -66,6 +66,19 @@ def replace_optimizer_params(
     return swapped
 
 
+def rescale_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, gradient_factor: float) -> None:
+    """The parameter's gradients will be ``gradient_factor`` times what they were (its layer's scaling moved into
+    it): scale its per-entry state to match, first moments by the factor, second moments (``*sq*`` keys) by its
+    square, so Adam's next steps read the moments in the new units. No state, or a state that is not per-entry
+    (reset on a resize anyway): nothing to do."""
+    state = getattr(optimizer, "optimizer", optimizer).state.get(param)
+    if not state or not _is_paddable(state, param):
+        return
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.mul_(gradient_factor**2 if "sq" in key else gradient_factor)
+
+
 def _is_paddable(param_state: dict, param: nn.Parameter) -> bool:
     """True if every tensor in the state is a scalar or shaped like the parameter (Adam, SGD momentum...).
 
