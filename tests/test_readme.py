@@ -116,3 +116,15 @@ def test_versions_and_extras_are_the_package_metadata():
 
 def test_readme_is_short():
     assert len(README.read_text().splitlines()) <= 300
+
+
+def test_results_table_matches_the_rendered_report():
+    """Every paired difference in the README's "Does it help?" table is one the report rendered from the committed
+    JSON (``benchmarks/results/allocation/summary.md``): the hand-kept table cannot drift from the results."""
+    section = README.read_text().split("## Does it help?", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and "±" in line]
+    summary = (ROOT / "benchmarks/results/allocation/summary.md").read_text()
+    rendered = set(re.findall(r"[+-]?\d+\.\d+ ± \d+\.\d+", summary))
+    cells = [c.replace("−", "-") for row in rows for c in re.findall(r"[+\-−]?\d+\.\d+ ± \d+\.\d+", row)]
+    assert len(cells) >= 20
+    assert [c for c in cells if c not in rendered] == []
