@@ -303,11 +303,6 @@ def test_rank_scaling_after_reallocate(rslora):
     assert set(model.base_model.peft_config["default"].alpha_pattern.values()) <= {8}
 
 
-def test_rank_scaling_is_refused_with_kasa():
-    with pytest.raises(ValueError, match=r"resize_scaling='rank'\) is not supported with KaSA"):
-        AdaptiveLoraConfig(r=2, target_modules=["q_proj"], resize_scaling="rank", init_lora_weights="mica")
-
-
 def test_optimizer_state_rule_is_checked():
     with pytest.raises(ValueError, match="optimizer_state.*'migrate', 'reset'"):
         AdaptiveLoraConfig(r=2, target_modules=["q_proj"], optimizer_state="keep")

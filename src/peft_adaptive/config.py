@@ -116,7 +116,8 @@ class AdaptiveLoraConfig(LoraConfig):
         metadata={
             "help": "A resized module's scaling: 'keep' (the scaling it trained with; lora_alpha is rescaled per "
             "module and saved in alpha_pattern) or 'rank' (the scaling LoRA gives its new rank with the configured "
-            "lora_alpha: alpha / r, or alpha / sqrt(r) with use_rslora; B is rescaled so the output is unchanged)."
+            "lora_alpha: alpha / r, or alpha / sqrt(r) with use_rslora; B, or KaSA's lora_diag, MiCA's A, is rescaled so the "
+            "output is unchanged)."
         },
     )
     sketch_size: int | None = field(
@@ -205,12 +206,6 @@ class AdaptiveLoraConfig(LoraConfig):
             self.resize_scaling,
             "one of " + ", ".join(repr(x) for x in RESIZE_SCALING_RULES),
         )
-        if self.resize_scaling == "rank" and (self.kasa_config is not None or self.init_lora_weights == "mica"):
-            raise ValueError(
-                "AdaptiveLoraConfig(resize_scaling='rank') is not supported with KaSA (kasa_config) or MiCA "
-                "(init_lora_weights='mica'): their B is kept orthonormal, so the scaling cannot move into it; "
-                "use resize_scaling='keep'"
-            )
         _require(
             self.optimizer_state in OPTIMIZER_STATE_RULES,
             "optimizer_state",

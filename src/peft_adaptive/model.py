@@ -519,7 +519,7 @@ class AdaptiveLoraModel(LoraModel):
         generator = torch.Generator().manual_seed(seed)
         replaced, kinds, removed = {}, {}, []
         config = self.peft_config[adapter_name]
-        b_factors: dict[torch.nn.Parameter, float] = {}  # resize_scaling="rank": new B -> what it was multiplied by
+        carriers: dict[torch.nn.Parameter, float] = {}  # resize_scaling="rank": what took the scaling, and by how much
         for name in sorted(ranks):
             layer = modules[name]
             if ranks[name] == 0:
@@ -535,11 +535,12 @@ class AdaptiveLoraModel(LoraModel):
             replaced.update(swaps)
             kinds.update(dict.fromkeys(swaps, kind))
             if swaps and config.resize_scaling == "rank":
-                b_factors[lora_parameters(layer, adapter_name)[1]] = match_rank_scaling(layer, adapter_name, alpha)
+                moved, factor = match_rank_scaling(layer, adapter_name, alpha)
+                carriers.update(dict.fromkeys(moved, factor))
         if optimizer is not None and replaced:
             if replace_optimizer_params(optimizer, replaced, kinds, config.optimizer_state == "migrate") == 0:
                 raise ValueError("the optimizer holds none of the adapter's parameters: pass the one that trains it")
-            for param, factor in b_factors.items():  # a migrated B's moments, in the units of its new scaling
+            for param, factor in carriers.items():  # migrated moments, in the units of the new scaling
                 rescale_state(optimizer, param, 1.0 / factor)
         if removed:
             config.target_modules = sorted(self.adapted_modules(adapter_name))

@@ -274,24 +274,29 @@ def _install_factors(
     return new_A, new_B
 
 
-def match_rank_scaling(layer: LoraLayer, adapter: str, alpha: float) -> float:
+def match_rank_scaling(layer: LoraLayer, adapter: str, alpha: float) -> tuple[list[nn.Parameter], float]:
     """Give the adapter the scaling plain LoRA gives its current rank with ``alpha`` (``alpha / r``, or
-    ``alpha / sqrt(r)`` with rsLoRA), multiplying ``B`` so that ``scaling * B`` and the output are unchanged.
+    ``alpha / sqrt(r)`` with rsLoRA), moving the change into one factor so that the update and the output are
+    unchanged (``B`` and its bias; KaSA's ``lora_diag``, MiCA's ``A``: :func:`~peft_adaptive.variants.scaling_carriers`).
 
-    Returns the factor ``B`` was multiplied by (old scaling / new scaling); its gradient scales by the inverse.
-    Used after a resize with ``resize_scaling="rank"``: a module grown from ``r`` to ``2r`` then trains with the step
-    size a rank-``2r`` LoRA has instead of keeping its rank-``r`` scaling (``sqrt(2)`` larger under rsLoRA).
+    Returns those parameters and the factor it was multiplied by (old scaling / new scaling); its gradient scales by
+    the inverse. Used after a resize with ``resize_scaling="rank"``: a module grown from ``r`` to ``2r`` then trains
+    with the step size a rank-``2r`` LoRA has instead of keeping its rank-``r`` scaling (``sqrt(2)`` larger under
+    rsLoRA).
     """
+    from .variants import scaling_carriers
+
     r = layer.r[adapter]
     new_scaling = alpha / math.sqrt(r) if layer.use_rslora.get(adapter) else alpha / r
     factor = layer.scaling[adapter] / new_scaling
-    B = lora_parameters(layer, adapter)[1]
+    carriers = scaling_carriers(layer, adapter)
     with torch.no_grad():
-        B.mul_(factor)
+        for carrier in carriers:
+            carrier.mul_(factor)
     layer.lora_alpha[adapter] = alpha
     layer.scaling[adapter] = new_scaling
     _clear_dora_cache(layer, adapter)
-    return factor
+    return carriers, factor
 
 
 def _clear_dora_cache(layer: LoraLayer, adapter: str) -> None:

@@ -58,6 +58,20 @@ def resize_handler(layer: LoraLayer, adapter: str) -> Handler | None:
     return None
 
 
+def scaling_carriers(layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
+    """The parameters a change of the layer's scaling is moved into (``resize_scaling="rank"``) so that the update
+    is unchanged: ``lora_diag`` for KaSA (its ``A``/``B`` stay orthonormal), ``A`` for MiCA (its ``B`` is frozen at
+    singular vectors of the base), ``B`` otherwise, with ``B``'s bias (``lora_bias``: scaled with it)."""
+    name = variant_name(layer, adapter)
+    if name == "KasaLinearVariant":
+        return [layer.lora_diag[adapter]]
+    A, B = _resize.lora_parameters(layer, adapter)
+    if name in ("MiCALinearVariant", "MiCAEmbeddingVariant"):
+        return [A]
+    bias = getattr(layer.lora_B[adapter], "bias", None) if adapter in getattr(layer, "lora_B", {}) else None
+    return [B] if bias is None else [B, bias]
+
+
 def update_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, R)`` with ``L @ R`` the adapter's real update as a ``[fan_out, fan_in]`` matrix, scaling included
     (for the embedding, the transposed update, as :func:`peft_adaptive.resize.lora_factors` gives it)."""
