@@ -68,14 +68,18 @@ def test_qlora_grows_shrinks_keeps_optimizer_state_and_reloads_with_vanilla_peft
             before = model(input_ids=ids).logits
         names = sorted(layers)
 
-        # grow: outputs bit-identical, Adam moments migrated (old entries verbatim, step kept)
+        # grow: outputs bit-identical (up to one rounding of B where resize_scaling="rank" moves the scaling into
+        # it), A's Adam moments migrated (old entries verbatim, step kept)
         grown = names[0]
         old_A = layers[grown].lora_A["default"].weight
         old_state = {k: v.clone() for k, v in optimizer.state[old_A].items()}
         tuner.resize_adapter({n: 6 for n in names}, optimizer=optimizer)
         with torch.no_grad():
             after = model(input_ids=ids).logits
-        assert torch.equal(after, before), kind
+        if tuner.peft_config["default"].resize_scaling == "keep":
+            assert torch.equal(after, before), kind
+        else:
+            torch.testing.assert_close(after, before, rtol=0, atol=1e-5, msg=kind)
         new_A = layers[grown].lora_A["default"].weight
         assert new_A.shape[0] == 6
         assert torch.equal(optimizer.state[new_A]["exp_avg"][:4], old_state["exp_avg"])
