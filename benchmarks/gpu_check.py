@@ -499,10 +499,11 @@ def check_resize(tuner, optimizer, before: Snapshot, shrink_tol: float) -> dict:
     """Compare every module with its snapshot: grown modules keep their update (bit for bit with
     ``resize_scaling="keep"``, up to one rounding of ``B`` with ``"rank"``) and their optimizer state (migrated),
     shrunk ones hold the best rank-k approximation of their update (Eckart-Young, within ``shrink_tol`` of the
-    update's norm) and no optimizer state; the scaling is kept (``"keep"``) or the new rank's (``"rank"``). Returns
+    update's norm) and no optimizer state (grown ones neither with ``optimizer_state="reset"``); the scaling is kept (``"keep"``) or the new rank's (``"rank"``). Returns
     counts and the worst excess."""
     layers = tuner.adapted_modules()
     rank_scaling = tuner.peft_config[ADAPTER].resize_scaling == "rank"
+    migrated = tuner.peft_config[ADAPTER].optimizer_state == "migrate"
     grown, shrunk, worst = [], [], 0.0
     for name, layer in layers.items():
         r0, r1 = before.ranks[name], layer.r[ADAPTER]
@@ -524,9 +525,11 @@ def check_resize(tuner, optimizer, before: Snapshot, shrink_tol: float) -> dict:
             else:
                 torch.testing.assert_close(B1[:, :r0] * (s1 / s0), B0, rtol=factor_rtol(B0.dtype), atol=1e-30)
             old_a, old_b = before.states[name]
-            if old_a:
+            if old_a and migrated:
                 check_grown_state(old_a, new_a, optimizer, 0, r0)
                 check_grown_state(old_b, new_b, optimizer, 1, r0, gradient_factor=s1 / s0)
+            else:  # optimizer_state="reset": restarted like a fresh parameter
+                assert new_a not in optimizer.state and new_b not in optimizer.state, name
         elif r1 < r0:
             shrunk.append(name)
             values = spectrum(B0 * s0, A0)
@@ -727,7 +730,8 @@ def check_grow_and_shrink(ctx: Context) -> dict:
         shrunk_a = lora_parameters(layers[shrink], ADAPTER)[0]
         assert shrunk_a in optimizer.state and optimizer.state[shrunk_a]["exp_avg"].shape == shrunk_a.shape
         grown_a = lora_parameters(layers[grow], ADAPTER)[0]
-        assert float(optimizer.state[grown_a]["step"]) == float(step_before) + 1
+        migrated = tuner.peft_config[ADAPTER].optimizer_state == "migrate"
+        assert float(optimizer.state[grown_a]["step"]) == (float(step_before) if migrated else 0.0) + 1
         numbers.update(check_placement(model, optimizer, ctx.device, torch.float32))
     return numbers
 

@@ -59,7 +59,7 @@ def collector_tensors(collector) -> dict[str, torch.Tensor]:
     ids=["float32-adapters", "bf16-adapters"],
 )
 def test_bf16_base_keeps_every_dtype(autocast_adapter_dtype, adapter_dtype, growth):
-    model = bf16_model(autocast_adapter_dtype, growth=growth)
+    model = bf16_model(autocast_adapter_dtype, growth=growth, optimizer_state="migrate")  # migrated state is checked
     tuner = model.base_model
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {adapter_dtype}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

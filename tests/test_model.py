@@ -55,7 +55,7 @@ def run(request):
     """Warmup with signals, reallocate with the optimizer, keep training; record everything on the way."""
     name = request.param
     torch.manual_seed(0)
-    model = adaptive_model(name, signal_steps=WARMUP, max_r=12)
+    model = adaptive_model(name, signal_steps=WARMUP, max_r=12, optimizer_state="migrate")  # the migration is tested
     tuner = model.base_model
     batch = make_batch(name)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -259,7 +259,14 @@ def _reallocated(resize_scaling: str, rslora: bool):
     """A tiny Llama trained 2 signal steps and reallocated; returns the model, its optimizer, the ranks and
     scalings before, and the ``B`` second moments before, by module."""
     model = adaptive_model(
-        "llama", r=4, lora_alpha=8, use_rslora=rslora, signal_steps=2, resize_scaling=resize_scaling, lora_dropout=0.0
+        "llama",
+        r=4,
+        lora_alpha=8,
+        use_rslora=rslora,
+        signal_steps=2,
+        resize_scaling=resize_scaling,
+        optimizer_state="migrate",
+        lora_dropout=0.0,
     )
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -52,7 +52,11 @@ def test_qlora_grows_shrinks_keeps_optimizer_state_and_reloads_with_vanilla_peft
         model = get_peft_model(
             base,
             AdaptiveLoraConfig(
-                r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM", signal_steps=1
+                r=4,
+                target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                task_type="CAUSAL_LM",
+                signal_steps=1,
+                optimizer_state="migrate",  # the migrated moments are checked below
             ),
         )
         tuner = model.base_model
