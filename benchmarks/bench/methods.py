@@ -55,9 +55,11 @@ BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
 #: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
 #: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
 DEFAULT_RUN = "warm-gradient_spectrum-random"
-#: the run name of the shipped default (``score="gradient_spectrum"``, random growth, ``max_r = 2r``): the method
-#: every other is compared with, besides uniform LoRA
-SHIPPED_DEFAULT = DEFAULT_RUN + "+max2r"
+#: the default until 2026-12-05 (``optimizer_state="migrate"``): most suites' default runs are of this configuration
+PREVIOUS_DEFAULT = DEFAULT_RUN + "+max2r"
+#: the run name of the shipped default (``score="gradient_spectrum"``, random growth, ``max_r = 2r``,
+#: ``optimizer_state="reset"``): the method every other is compared with, besides uniform LoRA
+SHIPPED_DEFAULT = PREVIOUS_DEFAULT + "+reset"
 #: PEFT's methods and full fine-tuning, by name (see the module docstring)
 PEER_KINDS = ("adalora", "eva", "full")
 #: full fine-tuning's learning rate (the one glue.py used); ``+lr<k>x`` multiplies it

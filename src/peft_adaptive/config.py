@@ -104,11 +104,13 @@ class AdaptiveLoraConfig(LoraConfig):
         },
     )
     optimizer_state: str = field(
-        default="migrate",
+        # "reset" since 2026-12-05 (benchmarks/RESULTS.md, pre-registered): migrating a grown module's moments made its
+        # loss rise after the reallocation on SmolLM2 (the in-place runs lost to the same ranks trained from step 0)
+        default="reset",
         metadata={
-            "help": "What a resized module's optimizer state becomes at the reallocation: 'migrate' (a grown "
-            "module keeps its moments, the new entries start from the row means; a shrunk one is reset) or 'reset' "
-            "(every resized module restarts its state, as a fresh parameter). See peft_adaptive.optim."
+            "help": "What a resized module's optimizer state becomes at the reallocation: 'reset' (default: every "
+            "resized module restarts its state, as a fresh parameter) or 'migrate' (a grown module keeps its moments, "
+            "the new entries start from the row means; a shrunk one is reset). See peft_adaptive.optim."
         },
     )
     resize_scaling: str = field(

@@ -1,7 +1,9 @@
 """Keep an optimizer in step with parameters that were replaced by a resize.
 
 Each new parameter takes the exact slot (group and index) of the one it replaces, so learning rate,
-weight decay and ``state_dict()`` positions are unchanged. The per-parameter state is:
+weight decay and ``state_dict()`` positions are unchanged. With ``AdaptiveLoraConfig(optimizer_state="reset")``
+(the default) every replaced parameter's state is dropped and the optimizer starts it afresh. With ``"migrate"``
+the per-parameter state is:
 
 * **migrated** after a grow: the old factors are kept verbatim, so their moments still describe them,
   and scalars such as Adam's ``step`` are kept. The new entries get a first moment of zero and a
