@@ -47,7 +47,26 @@ from bench.suites import SUITES  # noqa: E402
         ("eva-rho1+lr1x", Method("eva-rho1+lr1x", "eva", eva_rho=1.0)),
         (
             SHIPPED_DEFAULT + "+lr2x",
-            Method(SHIPPED_DEFAULT + "+lr2x", "warm", "gradient_spectrum", "random", max_r_factor=2, lr_factor=2.0),
+            Method(
+                SHIPPED_DEFAULT + "+lr2x",
+                "warm",
+                "gradient_spectrum",
+                "random",
+                max_r_factor=2,
+                lr_factor=2.0,
+                optimizer_state="reset",
+            ),
+        ),
+        (
+            DEFAULT_RUN + "+max2r+rankscale",
+            Method(
+                DEFAULT_RUN + "+max2r+rankscale",
+                "warm",
+                "gradient_spectrum",
+                "random",
+                max_r_factor=2,
+                resize_scaling="rank",
+            ),
         ),
     ],
 )
@@ -63,7 +82,7 @@ def test_learning_rates_and_grid_names():
     assert methods.method_lr(parse_method("full+lr2x"), suite) == 1e-4
     assert methods.base_name(SHIPPED_DEFAULT + "+lr0.5x") == SHIPPED_DEFAULT
     assert methods.with_lr_factor("eva", 0.5) == "eva+lr0.5x" and methods.with_lr_factor("eva", 1.0) == "eva"
-    assert SHIPPED_DEFAULT == "warm-gradient_spectrum-random+max2r"
+    assert SHIPPED_DEFAULT == "warm-gradient_spectrum-random+max2r+reset"
 
 
 def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
@@ -333,10 +352,11 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     )
     peers = section(text, "Peers side by side: each method against uniform LoRA")
     assert peers[4].startswith(
-        "| suite (metric, ↑ higher / ↓ lower is better) | uniform LoRA | our default | AdaLoRA |"
+        "| suite (metric, ↑ higher / ↓ lower is better) | uniform LoRA | our default | previous default "
+        "(optimizer_state='migrate') | AdaLoRA |"
     )
     assert peers[6] == (
-        "| planted (`gap_closed` ↑) | 0.1100 (3) | +0.0500 ± 0.0248 **better** (3) | -0.0100 ± 0.0248 inside (3) | "
+        "| planted (`gap_closed` ↑) | 0.1100 (3) | +0.0500 ± 0.0248 **better** (3) | – | -0.0100 ± 0.0248 inside (3) | "
         "+0.0100 ± 0.0050 **better** (3) | – | +0.1033 ± 0.0379 **better** (3) | +0.0900 ± 0.0248 **better** (3) |"
     )
     assert (peers_tree / "summary.md").read_text().splitlines()[4] == peers[6]  # the same table, for the README
@@ -362,5 +382,8 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
 def test_report_without_new_methods_renders_dashes(results_tree):
     text = report.report()
     peers = section(text, "Peers side by side: each method against uniform LoRA")
-    assert peers[6] == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
+    assert (
+        peers[6]
+        == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
+    )
     assert "No learning-rate variants run yet." in text and "## The planted family" not in text
