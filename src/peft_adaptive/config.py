@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
@@ -118,8 +119,8 @@ class AdaptiveLoraConfig(LoraConfig):
         metadata={
             "help": "A resized module's scaling: 'keep' (the scaling it trained with; lora_alpha is rescaled per "
             "module and saved in alpha_pattern) or 'rank' (the scaling LoRA gives its new rank with the configured "
-            "lora_alpha: alpha / r, or alpha / sqrt(r) with use_rslora; B, or KaSA's lora_diag, MiCA's A, is rescaled so the "
-            "output is unchanged)."
+            "lora_alpha: alpha / r, or alpha / sqrt(r) with use_rslora; B, or KaSA's lora_diag, MiCA's A, is "
+            "rescaled so the output is unchanged)."
         },
     )
     sketch_size: int | None = field(
@@ -198,22 +199,10 @@ class AdaptiveLoraConfig(LoraConfig):
         for name in ("grad_weight", "delta_weight", "score_exponent"):
             value = getattr(self, name)
             _require(_is_number(value) and value >= 0, name, value, "a finite number >= 0")
-        _require(self.score in SCORES, "score", self.score, "one of " + ", ".join(repr(x) for x in SCORES))
-        _require(
-            self.growth in GROWTH_RULES, "growth", self.growth, "one of " + ", ".join(repr(x) for x in GROWTH_RULES)
-        )
-        _require(
-            self.resize_scaling in RESIZE_SCALING_RULES,
-            "resize_scaling",
-            self.resize_scaling,
-            "one of " + ", ".join(repr(x) for x in RESIZE_SCALING_RULES),
-        )
-        _require(
-            self.optimizer_state in OPTIMIZER_STATE_RULES,
-            "optimizer_state",
-            self.optimizer_state,
-            "one of " + ", ".join(repr(x) for x in OPTIMIZER_STATE_RULES),
-        )
+        _require_one_of("score", self.score, SCORES)
+        _require_one_of("growth", self.growth, GROWTH_RULES)
+        _require_one_of("resize_scaling", self.resize_scaling, RESIZE_SCALING_RULES)
+        _require_one_of("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_RULES)
         _require(
             isinstance(self.sketch_size, int) and self.sketch_size >= 1,
             "sketch_size",
@@ -356,6 +345,12 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require_one_of(name: str, value: Any, allowed: Iterable[str]) -> None:
+    """``value`` must be one of the ``allowed`` names (the error lists them)."""
+    allowed = list(allowed)
+    _require(value in allowed, name, value, "one of " + ", ".join(repr(x) for x in allowed))
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:

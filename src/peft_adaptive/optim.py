@@ -39,8 +39,8 @@ def replace_optimizer_params(
     A ``None`` new parameter removes the old one (a module whose rank went to 0). Works through wrappers
     that proxy ``param_groups``/``state`` (accelerate's ``AcceleratedOptimizer``). Returns the number of
     parameters swapped or removed. ``migrate=False`` resets the state of every swapped parameter, grown ones
-    included (``AdaptiveLoraConfig(optimizer_state="reset")``). Raises if an old parameter is not in the optimizer while others are
-    (a half-updated optimizer would silently train stale tensors).
+    included (``AdaptiveLoraConfig(optimizer_state="reset")``). Raises if an old parameter is not in the
+    optimizer while others are (a half-updated optimizer would silently train stale tensors).
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     state = inner.state
@@ -70,15 +70,14 @@ def replace_optimizer_params(
 
 def rescale_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, gradient_factor: float) -> None:
     """The parameter's gradients will be ``gradient_factor`` times what they were (its layer's scaling moved into
-    it): scale its per-entry state to match, first moments by the factor, second moments (``*sq*`` keys) by its
-    square, so Adam's next steps read the moments in the new units. No state, or a state that is not per-entry
+    it): scale its per-entry state to match, first moments by the factor, second moments by its square, so Adam's next steps read the moments in the new units. No state, or a state that is not per-entry
     (reset on a resize anyway): nothing to do."""
     state = getattr(optimizer, "optimizer", optimizer).state.get(param)
     if not state or not _is_paddable(state, param):
         return
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value.mul_(gradient_factor**2 if "sq" in key else gradient_factor)
+            value.mul_(gradient_factor**2 if _is_second_moment(key) else gradient_factor)
 
 
 def _is_paddable(param_state: dict, param: nn.Parameter) -> bool:
@@ -97,7 +96,12 @@ def _grow_state(key: str, value: object, old: nn.Parameter, new: nn.Parameter) -
     """Grow one state entry: second moments (``exp_avg_sq``-like) by :func:`grown_moments`, others with zeros."""
     if not isinstance(value, torch.Tensor) or value.shape != old.shape:
         return value
-    return grown_moments(value, new.shape, second_moment="sq" in key)
+    return grown_moments(value, new.shape, second_moment=_is_second_moment(key))
+
+
+def _is_second_moment(key: str) -> bool:
+    """A squared-gradient state (Adam's ``exp_avg_sq``, ``max_exp_avg_sq``): it scales with the gradient squared."""
+    return "sq" in key
 
 
 def grown_moments(value: torch.Tensor, new_shape: torch.Size, second_moment: bool) -> torch.Tensor:
