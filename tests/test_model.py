@@ -223,51 +223,10 @@ def test_optimizer_state_matches_parameters(run):
             assert state == {}
 
 
-def test_optimizer_state_reset_rule_through_reallocate():
-    """``AdaptiveLoraConfig(optimizer_state="reset")``: after the reallocation every resized factor has no state
-    (the optimizer starts it afresh at the next step), the modules that kept their rank keep theirs."""
-    model = adaptive_model(
-        "llama", r=4, signal_steps=2, optimizer_state="reset", target_modules=["q_proj", "v_proj", "up_proj"]
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    tuner = model.base_model
-    tuner.start_signal_collection()
-    ids = torch.randint(0, 100, (2, 8))
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        tuner.record_gradients()
-        optimizer.step()
-        optimizer.zero_grad()
-    before = {n: m.r["default"] for n, m in tuner.adapted_modules().items()}
-    tuner.reallocate(optimizer)
-    resized = unchanged = 0
-    for name, module in tuner.adapted_modules().items():
-        for p in (module.lora_A["default"].weight, module.lora_B["default"].weight):
-            if module.r["default"] != before[name]:
-                assert p not in optimizer.state
-                resized += 1
-            else:
-                assert float(optimizer.state[p]["step"]) == 2
-                unchanged += 1
-    assert resized > 0
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()  # the fresh states are created lazily
-
-
-def _reallocated(resize_scaling: str, rslora: bool):
-    """A tiny Llama trained 2 signal steps and reallocated; returns the model, its optimizer, the ranks and
-    scalings before, and the ``B`` second moments before, by module."""
-    model = adaptive_model(
-        "llama",
-        r=4,
-        lora_alpha=8,
-        use_rslora=rslora,
-        signal_steps=2,
-        resize_scaling=resize_scaling,
-        optimizer_state="migrate",
-        lora_dropout=0.0,
-    )
+def _reallocated(**config):
+    """A tiny Llama (r=4, alpha 8) trained 2 signal steps and reallocated with its optimizer; returns the model, the
+    optimizer, each module's rank and scaling before, and each ``B``'s second moments before."""
+    model = adaptive_model("llama", r=4, lora_alpha=8, signal_steps=2, lora_dropout=0.0, **config)
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     tuner.start_signal_collection()
@@ -284,13 +243,33 @@ def _reallocated(resize_scaling: str, rslora: bool):
     return model.eval(), optimizer, before, moments
 
 
+def test_optimizer_state_reset_rule_through_reallocate():
+    """``AdaptiveLoraConfig(optimizer_state="reset")``: after the reallocation every resized factor has no state
+    (the optimizer starts it afresh at the next step), the modules that kept their rank keep theirs."""
+    model, optimizer, before, _ = _reallocated(optimizer_state="reset")
+    resized = 0
+    for name, module in model.base_model.adapted_modules().items():
+        for p in (module.lora_A["default"].weight, module.lora_B["default"].weight):
+            if module.r["default"] != before[name][0]:
+                assert p not in optimizer.state
+                resized += 1
+            else:
+                assert float(optimizer.state[p]["step"]) == 2
+    assert resized > 0
+    ids = torch.randint(0, 100, (2, 8))
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # the fresh states are created lazily
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_rank_scaling_after_reallocate(rslora):
     """``resize_scaling="rank"``: every resized module ends with the scaling plain LoRA gives its new rank with the
     configured alpha, the model computes what ``"keep"`` makes of the same run (the scaling moved into ``B``), a
     migrated ``B``'s moments are in the units of its new gradients, and no per-module alpha is left to save."""
-    model, optimizer, before, moments = _reallocated("rank", rslora)
-    kept, *_ = _reallocated("keep", rslora)
+    model, optimizer, before, moments = _reallocated(
+        use_rslora=rslora, resize_scaling="rank", optimizer_state="migrate"
+    )
+    kept, *_ = _reallocated(use_rslora=rslora, resize_scaling="keep", optimizer_state="migrate")
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, kept(input_ids=ids).logits, atol=1e-5)
