@@ -499,8 +499,8 @@ def check_resize(tuner, optimizer, before: Snapshot, shrink_tol: float) -> dict:
     """Compare every module with its snapshot: grown modules keep their update (bit for bit with
     ``resize_scaling="keep"``, up to one rounding of ``B`` with ``"rank"``) and their optimizer state (migrated),
     shrunk ones hold the best rank-k approximation of their update (Eckart-Young, within ``shrink_tol`` of the
-    update's norm) and no optimizer state (grown ones neither with ``optimizer_state="reset"``); the scaling is kept (``"keep"``) or the new rank's (``"rank"``). Returns
-    counts and the worst excess."""
+    update's norm) and no optimizer state (grown ones neither with ``optimizer_state="reset"``); the scaling is
+    kept (``"keep"``) or the new rank's (``"rank"``). Returns counts and the worst excess."""
     layers = tuner.adapted_modules()
     rank_scaling = tuner.peft_config[ADAPTER].resize_scaling == "rank"
     migrated = tuner.peft_config[ADAPTER].optimizer_state == "migrate"

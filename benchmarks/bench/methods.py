@@ -97,7 +97,8 @@ def parse_method(name: str) -> Method:
 
 SUFFIX_GRAMMAR = (
     "the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r (max_r = K * r, K >= 1, e.g. +max2r) for "
-    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset') and +rankscale (resize_scaling='rank') for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
+    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset') and +rankscale (resize_scaling='rank') "
+    "for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
 )
 
 

@@ -70,8 +70,9 @@ def replace_optimizer_params(
 
 def rescale_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, gradient_factor: float) -> None:
     """The parameter's gradients will be ``gradient_factor`` times what they were (its layer's scaling moved into
-    it): scale its per-entry state to match, first moments by the factor, second moments by its square, so Adam's next steps read the moments in the new units. No state, or a state that is not per-entry
-    (reset on a resize anyway): nothing to do."""
+    it): scale its per-entry state to match, first moments by the factor, second moments by its square, so Adam's
+    next steps read the moments in the new units. No state, or a state that is not per-entry (reset on a resize
+    anyway): nothing to do."""
     state = getattr(optimizer, "optimizer", optimizer).state.get(param)
     if not state or not _is_paddable(state, param):
         return

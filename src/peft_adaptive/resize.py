@@ -277,12 +277,13 @@ def _install_factors(
 def match_rank_scaling(layer: LoraLayer, adapter: str, alpha: float) -> tuple[list[nn.Parameter], float]:
     """Give the adapter the scaling plain LoRA gives its current rank with ``alpha`` (``alpha / r``, or
     ``alpha / sqrt(r)`` with rsLoRA), moving the change into one factor so that the update and the output are
-    unchanged (``B`` and its bias; KaSA's ``lora_diag``, MiCA's ``A``: :func:`~peft_adaptive.variants.scaling_carriers`).
+    unchanged (``B`` and its bias; KaSA's ``lora_diag``, MiCA's ``A``:
+    :func:`~peft_adaptive.variants.scaling_carriers`).
 
-    Returns those parameters and the factor it was multiplied by (old scaling / new scaling); its gradient scales by
-    the inverse. Used after a resize with ``resize_scaling="rank"``: a module grown from ``r`` to ``2r`` then trains
-    with the step size a rank-``2r`` LoRA has instead of keeping its rank-``r`` scaling (``sqrt(2)`` larger under
-    rsLoRA).
+    Returns those parameters and the factor they were multiplied by (old scaling / new scaling); their gradients
+    scale by the inverse. Used after a resize with ``resize_scaling="rank"``: a module grown from ``r`` to ``2r``
+    then trains with the step size a rank-``2r`` LoRA has instead of keeping its rank-``r`` scaling (``sqrt(2)``
+    larger under rsLoRA).
     """
     from .variants import scaling_carriers
 
