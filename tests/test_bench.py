@@ -333,6 +333,8 @@ def peers_tree(results_tree):
         suite = f"family-{index:02d}"
         records += [record(m, 0, v, [2] * 6, suite=suite) for m, v in (("lora", lora), ("oracle", oracle))]
         records.append(record(SHIPPED_DEFAULT, 0, default, [2] * 6, suite=suite))
+    for seed, runs in ((1, (0.52, 0.74, 0.63)), (2, (0.48, 0.66, 0.58))):  # family-00 at more seeds
+        records += [record(m, seed, v, [2] * 6, suite="family-00") for m, v in zip(("lora", "oracle", SHIPPED_DEFAULT), runs)]  # fmt: skip
     write(results_tree, records)
     lora_cost = cost(0.1)
     for seed in range(3):  # uniform LoRA's runs with cost records (the first runs predate them)
@@ -375,6 +377,11 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
         f"| choose | {SHIPPED_DEFAULT} | 0.50 | 1 | 1/2 |",
         f"| report | {SHIPPED_DEFAULT} | 0.50 ± 3.18 | 2 | 0/2 |",  # shares 0.25 and 0.75
     ]
+    # family-00 over seeds 0-2: default - lora 0.10, 0.11, 0.10; oracle - lora 0.20, 0.22, 0.18; Fieller's a, b, c =
+    # 0.0375312, 0.0200495, 0.0104720, so the share 0.103 / 0.2 = 0.52 has the interval 0.45, 0.61
+    assert f"| family-00 | choose | {SHIPPED_DEFAULT} | +0.1033 ± 0.0143 **better** (3) | +0.2000 ± 0.0497 **better** (3) | 0.52, 95% [0.45, 0.61] |" in fam  # fmt: skip
+    seeded = [line for line in fam if line.startswith("| family-") and f"| {SHIPPED_DEFAULT} |" in line]
+    assert len(seeded) == 1  # the members with one seed are not in that table
     costs = section(text, "Cost (CPU, from the runs)")
     assert "| planted | adalora | 3 | 2.00× (2.00..2.00) | 2.00× (2.00..2.00) | 1.50× (1.50..1.50) | AdaLoRA allocation 1.00 |" in costs  # fmt: skip
 
