@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench import family  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
+from gradient_consistency_probe import auc  # noqa: E402
 
 
 def test_the_cipher_is_a_fixed_letter_permutation_without_fixed_points():
@@ -58,3 +59,9 @@ def test_family_roles_and_suites():
     suite = SUITES["family-03"]
     assert suite.settings["member"] == 3 and suite.r == members[3].r and suite.lora_alpha == 2 * members[3].r
     assert suite.max_r == family.MAX_R_FACTOR * suite.r and suite.min_r == 1
+
+
+def test_probe_auc_counts_planted_modules_ranked_above_the_others():
+    assert auc(["p", "a", "b"], {"p"}) == 1.0
+    assert auc(["a", "b", "p"], {"p"}) == 0.0
+    assert auc(["p", "a", "q", "b"], {"p", "q"}) == 0.75  # pairs (p,a) (p,b) (q,b) of 4

@@ -1,0 +1,104 @@
+"""Exploratory probe (issue 27): which per-module gradient statistic singles out the planted modules of a family member?
+
+Trains uniform LoRA for the default's signal steps on members of the planted family (the harness's task, batches,
+optimizer and schedule, seed 0), records every target module's full-weight gradient ``G_t`` at each step, and ranks
+the modules by statistics of ``S = sum_t G_t`` and ``Q = sum_t ||G_t||_F^2``:
+
+* ``fro``: ``||S||_F`` (what a full-gradient score such as ``gradient_spectrum`` grows with);
+* ``top``: the largest singular value of ``S``;
+* ``rel``: ``||S||_F / ||W||_F``;
+* ``consistency``: ``||S||_F^2 / (T Q)`` in [0, 1], 1 when every step's gradient points the same way;
+* ``fro_x_consistency``: ``||S||_F * consistency``.
+
+For each it prints the AUC of planted against unplanted modules (1: every planted module above every other) and the
+planted modules' positions. A lead, not a result: it reads no held-out metric and chooses nothing.
+
+    python benchmarks/gradient_consistency_probe.py 0 1 4 5 8 9   # the family's choose members
+"""
+
+from __future__ import annotations
+
+import argparse
+
+STATISTICS = ("fro", "top", "rel", "consistency", "fro_x_consistency")
+
+
+def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, dict[str, float]], set[str], int]:
+    import torch
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    from bench.family import member
+    from bench.methods import build, method_lr, parse_method, signal_steps
+    from bench.suites import SUITES
+    from bench.tasks import make_task
+
+    suite = SUITES[f"family-{member_index:02d}"]
+    task, lora = make_task(suite), parse_method("lora")
+    set_seed(0)
+    base = task.base_model()
+    set_seed(0)
+    model = build(lora, task, base, 0)
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    for layer in layers.values():  # its .grad is then the full-weight gradient; it is not in the optimizer
+        layer.base_layer.weight.requires_grad_(True)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    optimizer = torch.optim.AdamW(params, lr=method_lr(lora, suite), weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(0.06 * suite.steps)), suite.steps)
+    steps = signal_steps(parse_method(method_name), suite)
+    sums = {name: 0.0 for name in layers}
+    squares = dict.fromkeys(layers, 0.0)
+    for batch in task.batches(0, steps):
+        task.loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for name, layer in layers.items():
+            grad = layer.base_layer.weight.grad
+            sums[name] = sums[name] + grad
+            squares[name] += float(grad.pow(2).sum())
+            layer.base_layer.weight.grad = None
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    stats = {}
+    for name, layer in layers.items():
+        total = sums[name]
+        fro = float(total.norm())
+        consistency = fro**2 / (steps * squares[name])
+        stats[name] = {
+            "fro": fro,
+            "top": float(torch.linalg.svdvals(total)[0]),
+            "rel": fro / float(layer.base_layer.weight.norm()),
+            "consistency": consistency,
+            "fro_x_consistency": fro * consistency,
+        }
+    planted = {name for name in layers if any(name.endswith(c.module) for c in member(member_index).changes)}
+    return stats, planted, steps
+
+
+def auc(order: list[str], planted: set[str]) -> float:
+    """The share of (planted, unplanted) pairs in which the planted module comes first in ``order``."""
+    above, pairs, seen_planted = 0, 0, 0
+    for name in order:
+        if name in planted:
+            seen_planted += 1
+        else:
+            above += seen_planted
+            pairs += len(planted)
+    return above / pairs if pairs else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("members", type=int, nargs="+", help="family member indices")
+    parser.add_argument("--method", default="warm-gradient_spectrum-random+max2r+reset", help="whose signal steps")
+    args = parser.parse_args()
+    for index in args.members:
+        stats, planted, steps = module_statistics(index, args.method)
+        print(f"family-{index:02d}: {len(planted)} planted of {len(stats)} modules, {steps} signal steps")
+        for key in STATISTICS:
+            order = sorted(stats, key=lambda name: -stats[name][key])
+            positions = sorted(order.index(name) for name in planted)
+            print(f"  {key:18s} AUC {auc(order, planted):.2f}  planted at positions (0 = top) {positions[:10]}")
+
+
+if __name__ == "__main__":
+    main()
