@@ -25,10 +25,11 @@ STATISTICS = ("fro", "top", "rel", "consistency", "fro_x_consistency")
 
 def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, dict[str, float]], set[str], int]:
     import torch
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import set_seed
 
     from bench.family import member
-    from bench.methods import build, method_lr, parse_method, signal_steps
+    from bench.methods import build, parse_method, signal_steps
+    from bench.runner import CLIP_NORM, optimizer_and_schedule
     from bench.suites import SUITES
     from bench.tasks import make_task
 
@@ -42,14 +43,13 @@ def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, di
     for layer in layers.values():  # its .grad is then the full-weight gradient; it is not in the optimizer
         layer.base_layer.weight.requires_grad_(True)
     params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    optimizer = torch.optim.AdamW(params, lr=method_lr(lora, suite), weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(0.06 * suite.steps)), suite.steps)
+    optimizer, schedule = optimizer_and_schedule(params, lora, suite)
     steps = signal_steps(parse_method(method_name), suite)
-    sums = {name: 0.0 for name in layers}
+    sums = dict.fromkeys(layers, 0.0)
     squares = dict.fromkeys(layers, 0.0)
     for batch in task.batches(0, steps):
         task.loss(model, batch).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
         for name, layer in layers.items():
             grad = layer.base_layer.weight.grad
             sums[name] = sums[name] + grad

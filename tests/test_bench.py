@@ -379,7 +379,7 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     ]
     # family-00 over seeds 0-2: default - lora 0.10, 0.11, 0.10; oracle - lora 0.20, 0.22, 0.18; Fieller's a, b, c =
     # 0.0375312, 0.0200495, 0.0104720, so the share 0.103 / 0.2 = 0.52 has the interval 0.45, 0.61
-    assert f"| family-00 | choose | {SHIPPED_DEFAULT} | +0.1033 ± 0.0143 **better** (3) | +0.2000 ± 0.0497 **better** (3) | 0.52, 95% [0.45, 0.61] |" in fam  # fmt: skip
+    assert f"| family-00 | choose | {SHIPPED_DEFAULT} | +0.1033 ± 0.0143 **better** (3) | +0.2000 ± 0.0497 **better** (3) | 0.52, 95% [0.45, 0.61] (3 seeds) |" in fam  # fmt: skip
     seeded = [line for line in fam if line.startswith("| family-") and f"| {SHIPPED_DEFAULT} |" in line]
     assert len(seeded) == 1  # the members with one seed are not in that table
     costs = section(text, "Cost (CPU, from the runs)")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import statistics
 
 from . import family
-from .stats import fieller, paired, paired_differences, summarise
-from .tables import Results, diff_cell, markdown_table, method_order
+from .stats import fieller, paired_differences, summarise
+from .tables import Results, diff_cell, markdown_table, method_order, share_cell
 
 SOMETHING_TO_FIND = 0.02
 WORSE = -0.01
@@ -111,28 +111,21 @@ def seeded_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
     for name, results in sorted(tree.items()):
         lora, oracle = results.get("lora", {}), results.get("oracle", {})
         for method in methods:
-            mine = results.get(method, {})
-            seeds = sorted(set(mine) & set(lora) & set(oracle))
+            gain = paired_differences(results.get(method, {}), lora, METRIC)
+            gap = paired_differences(oracle, lora, METRIC)
+            seeds = sorted(set(gain) & set(gap))  # the seeds the method, uniform LoRA and the oracle all have
             if len(seeds) < 2:
                 continue
-            mine, lora_, oracle_ = ({s: runs[s] for s in seeds} for runs in (mine, lora, oracle))  # the seeds all have
-            gains = list(paired_differences(mine, lora_, METRIC).values())
-            gaps = list(paired_differences(oracle_, lora_, METRIC).values())
+            gains, gaps = [gain[s] for s in seeds], [gap[s] for s in seeds]
             ratio = fieller(gains, gaps)
-            if ratio is None:
-                share_text = "–"
-            elif ratio[1] is None:
-                share_text = f"{ratio[0]:.2f}, interval unbounded"
-            else:
-                share_text = f"{ratio[0]:.2f}, 95% [{ratio[1]:.2f}, {ratio[2]:.2f}]"
             rows.append(
                 [
                     name,
                     family.member(member_index(name)).role,
                     method,
-                    diff_cell(paired(mine, lora_, METRIC), True),
-                    diff_cell(paired(oracle_, lora_, METRIC), True),
-                    share_text,
+                    diff_cell(summarise(gains), True),
+                    diff_cell(summarise(gaps), True),
+                    share_cell(None if ratio is None else (*ratio, len(seeds))),
                 ]
             )
     return rows

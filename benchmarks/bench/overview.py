@@ -13,7 +13,7 @@ from __future__ import annotations
 from .methods import SHIPPED_DEFAULT
 from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
 from .suites import SUITES
-from .tables import PEER_COLUMNS, Results, diff_cell, markdown_table
+from .tables import PEER_COLUMNS, Results, diff_cell, markdown_table, share_cell
 
 RANK_BINDS, CAN_PAY = "lora-4x", "fixed-hindsight-random"
 Tree = dict[str, Results]  # {suite: its results}, the suites an overview covers
@@ -35,14 +35,6 @@ def captured_share(results: Results, metric: str) -> tuple[float, float | None, 
     seeds = sorted(set(default) & set(hindsight))
     ratio = fieller([default[s] for s in seeds], [hindsight[s] for s in seeds])
     return None if ratio is None else (*ratio, len(seeds))
-
-
-def share_cell(share: tuple[float, float | None, float | None, int] | None) -> str:
-    if share is None:
-        return "–"
-    ratio, low, high, n = share
-    interval = "unbounded" if low is None else f"[{low:.2f}, {high:.2f}]"
-    return f"{ratio:.2f}, 95% {interval} ({n} seeds)"
 
 
 def calibration_rows(tree: Tree) -> list[list[str]]:

@@ -25,10 +25,11 @@ from .methods import (
     signal_steps,
 )
 from .records import result_path
-from .suites import SUITES, apply_overrides
+from .suites import SUITES, Suite, apply_overrides
 from .tasks import Task, make_task, suite_model
 
 Job = tuple[str, str, int]  # (suite, method, seed)
+CLIP_NORM = 1.0  # every run clips the global gradient norm of its trainable parameters to this
 
 
 @dataclass
@@ -45,8 +46,7 @@ class Training:
 def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, task: Task | None = None) -> dict:
     """Train ``method_name`` on ``suite_name`` (or on ``task``, e.g. a test's) with ``seed`` in this process;
     returns the run's JSON record."""
-    import torch
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import set_seed
 
     method = parse_method(method_name)
     task = task or make_task(SUITES[suite_name])
@@ -62,8 +62,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, ta
         before_training = initialise(method, task, model, seed, calib_batches)
         init_seconds = time.perf_counter() - started
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=method_lr(method, suite), weight_decay=0.0)
-        schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(0.06 * suite.steps)), suite.steps)
+        optimizer, schedule = optimizer_and_schedule(params, method, suite)
         training = train(model, method, task, seed, optimizer, schedule, started, before_training.get("report"))
         train_seconds = time.perf_counter() - started
     metrics = task.finish(task.evaluate(model), base_metrics)
@@ -89,6 +88,16 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, ta
         **common.run_metadata(sys.argv),
     }
     return record
+
+
+def optimizer_and_schedule(params: list, method: Method, suite: Suite) -> tuple[Any, Any]:
+    """Every run's optimizer: AdamW without weight decay at the method's learning rate, linear warmup over 6% of the
+    suite's steps, then linear decay to 0."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=method_lr(method, suite), weight_decay=0.0)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, max(1, int(0.06 * suite.steps)), suite.steps)
 
 
 def initialise(method: Method, task: Task, model, seed: int, calib_batches: int) -> dict[str, Any]:
@@ -127,7 +136,7 @@ def train(model, method: Method, task: Task, seed: int, optimizer, schedule, sta
         if orth_reg:
             loss = loss + peers.adalora_orth_reg_weight(model) * peers.adalora_orth_reg(model)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP_NORM)
         if collecting:
             tuner.record_gradients()
         optimizer.step()

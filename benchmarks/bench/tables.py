@@ -47,6 +47,16 @@ def diff_cell(diff: Diff | None, higher_is_better: bool) -> str:
     return f"{mean:+.4f} ± {half:.4f} {verdict_word(diff, higher_is_better)} ({n})"
 
 
+def share_cell(share: tuple[float, float | None, float | None, int] | None) -> str:
+    """``0.56, 95% [0.31, 0.81] (3 seeds)``: a ratio of paired means (:func:`~bench.stats.fieller`), its interval
+    ("unbounded" where the denominator is not clearly away from 0) and the seeds it is over."""
+    if share is None:
+        return "–"
+    ratio, low, high, n = share
+    interval = "unbounded" if low is None else f"[{low:.2f}, {high:.2f}]"
+    return f"{ratio:.2f}, 95% {interval} ({n} seeds)"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table as lines."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
