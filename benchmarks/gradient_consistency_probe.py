@@ -8,7 +8,11 @@ the modules by statistics of ``S = sum_t G_t`` and ``Q = sum_t ||G_t||_F^2``:
 * ``top``: the largest singular value of ``S``;
 * ``rel``: ``||S||_F / ||W||_F``;
 * ``consistency``: ``||S||_F^2 / (T Q)`` in [0, 1], 1 when every step's gradient points the same way;
-* ``fro_x_consistency``: ``||S||_F * consistency``.
+* ``fro_x_consistency``: ``||S||_F * consistency``;
+* ``fro_x_sqrt_consistency``: ``||S||_F * sqrt(consistency)`` (orders modules as ``||S||_F^2 * consistency``, what
+  ``score="consistent_spectrum"`` gives rank by);
+* ``signal``: ``(||S||_F^2 - Q) / (T (T - 1))``, an unbiased estimate of ``||E G||_F^2`` for independent steps
+  (the noise in ``||S||_F^2`` removed; the gradient-noise-scale identity of McCandlish et al., 2018).
 
 For each it prints the AUC of planted against unplanted modules (1: every planted module above every other) and the
 planted modules' positions. A lead, not a result: it reads no held-out metric and chooses nothing.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-STATISTICS = ("fro", "top", "rel", "consistency", "fro_x_consistency")
+STATISTICS = ("fro", "top", "rel", "consistency", "fro_x_consistency", "fro_x_sqrt_consistency", "signal")
 
 
 def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, dict[str, float]], set[str], int]:
@@ -69,6 +73,8 @@ def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, di
             "rel": fro / float(layer.base_layer.weight.norm()),
             "consistency": consistency,
             "fro_x_consistency": fro * consistency,
+            "fro_x_sqrt_consistency": fro * consistency**0.5,
+            "signal": (fro**2 - squares[name]) / (steps * (steps - 1)),
         }
     planted = {name for name in layers if any(name.endswith(c.module) for c in member(member_index).changes)}
     return stats, planted, steps

@@ -394,3 +394,14 @@ def test_report_without_new_methods_renders_dashes(results_tree):
         == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
     )
     assert "No learning-rate variants run yet." in text and "## The planted family" not in text
+
+
+def test_every_score_the_harness_names_is_registered():
+    """The harness's score names are the package's scores plus its own candidates, registered through the public
+    ``register_score`` (a name the package does not know would fail only when its first run starts)."""
+    from bench.methods import SCORE_NAMES, register_candidate_scores
+    from peft_adaptive.scores import SCORES
+
+    register_candidate_scores()
+    assert set(SCORE_NAMES) == set(SCORES)
+    assert SCORES["consistent_spectrum2"].power == 2.0 and SCORES["consistent_spectrum"].power == 1.0

@@ -9,6 +9,7 @@ from peft import get_peft_model
 from peft_adaptive import AdaptiveLoraConfig
 from peft_adaptive.resize import lora_factors
 from peft_adaptive.scores import SCORES
+from peft_adaptive.scores.consistent_spectrum import consistency
 
 from .planted import inputs, planted_pair, row_space_fraction
 from .tiny_models import tiny_llama, token_batch
@@ -34,7 +35,9 @@ def warmup(model, teacher, steps: int = 5, lr: float = 1e-2):
     return optimizer
 
 
-@pytest.mark.parametrize("score", ["gradient_spectrum", "sketch_energy", "spectral", "sensitivity", "norms"])
+@pytest.mark.parametrize(
+    "score", ["gradient_spectrum", "consistent_spectrum", "sketch_energy", "spectral", "sensitivity", "norms"]
+)
 def test_scores_find_the_planted_modules(score):
     """Every strategy sends the unchanged branch to rank 0 and the rank-3 change the most rank."""
     model, teacher, _ = planted_student(score=score)
@@ -47,13 +50,57 @@ def test_scores_find_the_planted_modules(score):
     assert ranks["branches.1"] >= ranks["branches.2"] >= 1
 
 
-@pytest.mark.parametrize("score", ["gradient_spectrum", "spectral"])
+@pytest.mark.parametrize("score", ["gradient_spectrum", "consistent_spectrum", "spectral"])
 def test_spectrum_scores_find_the_planted_ranks(score):
     """The spectrum strategies read the *rank* of each change, not only its size: 3 and 1 of a 6-rank budget."""
     model, teacher, _ = planted_student(score=score, max_r=4)
     report = model.reallocate(warmup(model, teacher))
     ranks = dict(zip(report.names, report.ranks_after))
     assert ranks["branches.1"] >= 3 and ranks["branches.2"] >= 1 and ranks["branches.0"] == 0
+
+
+def test_consistency_identities():
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(40, 50, generator=g) for _ in range(400)]
+
+    def of(gradients):
+        total = torch.stack(gradients).sum(0)
+        return consistency(float(total.pow(2).sum()), float(sum(x.pow(2).sum() for x in gradients)), len(gradients))
+
+    same = torch.randn(40, 50, generator=g)
+    assert of([same] * 10) == pytest.approx(1.0)  # every step agrees
+    assert of([same, -same]) == 0.0  # they cancel
+    assert of([same, 2 * same, 0.5 * same]) < 1.0  # same direction, unequal sizes: Cauchy-Schwarz is strict
+    assert of(noise) == pytest.approx(1 / 400, rel=0.2)  # independent zero-mean noise: 1/T
+    # per-step signal |E G|^2 = 0.25 N against noise N: c = 0.25 / 1.25 + (1/T)(1 / 1.25)
+    assert of([x + 0.5 for x in noise]) == pytest.approx(0.2 + 0.8 / 400, abs=0.01)
+    assert consistency(4.0, 0.0, samples=5) == 1.0  # no per-step energies recorded (an older checkpoint)
+    assert consistency(4.0, 1.0, samples=0) == 1.0
+
+
+def test_consistent_spectrum_discounts_a_module_whose_gradient_is_noise():
+    """Branch 0 is fitted to fresh random targets every step (a large gradient that never agrees with itself), the
+    planted rank-3 change in branch 1 is smaller and consistent: gradient_spectrum gives branch 0 the most rank,
+    consistent_spectrum moves rank from it to branch 1."""
+    ranks = {}
+    for score in ("gradient_spectrum", "consistent_spectrum"):
+        model, teacher, _ = planted_student(score=score, r=2, max_r=4, min_r=0, signal_steps=8)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model.start_signal_collection()
+        for step in range(8):
+            x = inputs(seed=step)
+            with torch.no_grad():
+                target = teacher(x)
+                target[:, :48] += 1.5 * torch.randn(x.shape[0], 48, generator=torch.Generator().manual_seed(100 + step))
+            torch.nn.functional.mse_loss(model(x), target).backward()
+            model.record_gradients()
+            optimizer.step()
+            optimizer.zero_grad()
+        report = model.reallocate(optimizer)
+        ranks[score] = dict(zip(report.names, report.ranks_after))
+    spectrum, consistent = ranks["gradient_spectrum"], ranks["consistent_spectrum"]
+    assert spectrum["branches.0"] > spectrum["branches.1"]
+    assert consistent["branches.0"] < spectrum["branches.0"] and consistent["branches.1"] > spectrum["branches.1"]
 
 
 def test_gradient_growth_takes_the_directions_the_gradient_wants():

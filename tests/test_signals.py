@@ -105,6 +105,15 @@ def test_collector_state_round_trip(track_delta):
     restored = SignalCollector(model.base_model.adapted_modules(), "default", track_delta=track_delta)
     restored.load_state_dict(collector.state_dict())
     assert restored.signals() == collector.signals()
+    summed = SignalCollector(model.base_model.adapted_modules(), "default", track_grad_sum=True)
+    loss_of(model, token_batch()).backward()
+    summed.record_gradients()
+    squares = summed.b_grad_square_sum
+    # one step: the squared norm of the summed dL/dB is the step's own
+    assert squares == pytest.approx([float(t.double().pow(2).sum()) for t in summed.b_grad_sum], rel=1e-5)
+    restored = SignalCollector(model.base_model.adapted_modules(), "default", track_grad_sum=True)
+    restored.load_state_dict(summed.state_dict())
+    assert restored.b_grad_square_sum == squares
     other = SignalCollector(dict(list(model.base_model.adapted_modules().items())[:3]), "default")
     with pytest.raises(ValueError, match="different set of adapted modules"):
         other.load_state_dict(collector.state_dict())

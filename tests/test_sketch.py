@@ -56,6 +56,37 @@ def test_sketch_is_psi_times_the_summed_full_gradient_over_steps_and_micro_batch
     assert collector.sketch.steps == 2
 
 
+def test_step_energies_are_each_steps_squared_sketch_norm_summed():
+    """What consistent_spectrum reads: sum_t |Psi G_t|^2 per layer (micro-batches summed into their step first, a loss
+    scale divided out), kept through a checkpoint; a checkpoint from before they were kept loads as zeros."""
+    model = sketched_llama()
+    collector = model.start_signal_collection()
+    want = None
+    for step in range(3):
+        model.zero_grad()
+        for micro in range(2):
+            (loss(model, 10 * step + micro) * 512).backward()
+        model.record_gradients(scale=1024.0)  # the micro-batch halves are inside the scale
+        sketched = expected_sketch(collector, {n: g / 1024 for n, g in full_gradients(model).items()})
+        squares = {n: float(v.double().pow(2).sum()) for n, v in sketched.items()}
+        want = squares if want is None else {n: want[n] + squares[n] for n in want}
+    got = collector.sketch.step_energies()
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-4)
+    # the summed sketch's energy is at most T times the per-step sum (Cauchy-Schwarz), equal only if all steps agree
+    for name, total in collector.sketch.totals().items():
+        assert float(total.double().pow(2).sum()) <= 3 * got[name] * (1 + 1e-6)
+    assert collector.sketch.samples == 3
+    state = collector.sketch.state_dict()
+    restored = sketched_llama().start_signal_collection().sketch
+    restored.load_state_dict(state)
+    assert restored.step_energies() == pytest.approx(got)
+    old_format = {k: v for k, v in state.items() if k != "energy"}
+    restored.load_state_dict(old_format)
+    assert set(restored.step_energies().values()) == {0.0}
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_sketch_is_unchanged_by_gradient_checkpointing(reentrant):
     plain = sketched_llama()

@@ -4,7 +4,8 @@ Methods (``--methods``): ``lora``, ``lora-4x`` (PEFT's own LoraConfig), ``warm-<
 rank r for ``warmup`` steps while collecting signals, then reallocate in place with ``AdaptiveLoraModel``),
 ``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
 ``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
-``sketch_energy``, ``spectral``, ``gradient_spectrum``), ``uniform`` (no reallocation, calibration only), or a
+``sketch_energy``, ``spectral``, ``gradient_spectrum``, ``consistent_spectrum``; and ``consistent_spectrum2``, a
+benchmark-only candidate registered here), ``uniform`` (no reallocation, calibration only), or a
 benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
 (the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
 the same rank distribution in other places), all at the same budget through
@@ -50,7 +51,15 @@ if TYPE_CHECKING:
     from .tasks import Task
 
 
-SCORE_NAMES = ("norms", "sensitivity", "sketch_energy", "spectral", "gradient_spectrum")
+SCORE_NAMES = (
+    "norms",
+    "sensitivity",
+    "sketch_energy",
+    "spectral",
+    "gradient_spectrum",
+    "consistent_spectrum",
+    "consistent_spectrum2",  # benchmark-only candidate: consistent_spectrum weighting by c ** 2 (CANDIDATE_SCORES)
+)
 BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
 #: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
 #: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
@@ -275,6 +284,8 @@ def build(method: Method, task: Task, model, seed: int = 0):
 
     from . import peers
 
+    register_candidate_scores()
+
     suite = task.suite
     common_kwargs = dict(target_modules=task.targets(), lora_dropout=0.0, use_rslora=suite.use_rslora)
     if method.kind in PEER_KINDS:
@@ -319,6 +330,16 @@ def build(method: Method, task: Task, model, seed: int = 0):
         tuner = peft_model.base_model
         tuner.peft_config["default"].param_budget = tuner.param_budget() * suite.r // warm_r
     return peft_model
+
+
+def register_candidate_scores() -> None:
+    """Register the benchmark-only score candidates (through the package's public ``register_score``, as a user
+    would): ``consistent_spectrum2`` weights each module's spectrum by its consistency squared instead of once."""
+    from peft_adaptive.scores import SCORES, register_score
+    from peft_adaptive.scores.consistent_spectrum import ConsistentSpectrumScore
+
+    if "consistent_spectrum2" not in SCORES:
+        register_score(ConsistentSpectrumScore(power=2.0, name="consistent_spectrum2"))
 
 
 def signal_steps(method: Method, suite: Suite) -> int:

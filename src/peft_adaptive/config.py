@@ -94,7 +94,8 @@ class AdaptiveLoraConfig(LoraConfig):
         default="gradient_spectrum",
         metadata={
             "help": "How modules are scored and ranks allocated: 'gradient_spectrum' (default), 'sensitivity', "
-            "'norms' (grad_weight/delta_weight), 'sketch_energy' or 'spectral' (see peft_adaptive.scores)."
+            "'norms' (grad_weight/delta_weight), 'sketch_energy', 'spectral' or 'consistent_spectrum' (see "
+            "peft_adaptive.scores)."
         },
     )
     growth: str = field(

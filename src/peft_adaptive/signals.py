@@ -27,7 +27,7 @@ module only accumulates; what a score makes of them is in that score's own file 
   (``beta1``) and weighted by an EMA of its own uncertainty ``|I - I_bar|`` (``beta2``); two float32 tensors
   per factor;
 * ``grad_sum``: the sum over steps of ``dL/dB = s G A^T``, a random sketch of the module's summed
-  full-weight gradient (one float32 tensor of ``B``'s shape);
+  full-weight gradient (one float32 tensor of ``B``'s shape), and the sum of each step's ``|dL/dB|_F^2``;
 * ``sketch``: the row-space sketch of the summed full-weight gradient (:class:`~peft_adaptive.sketch.GradientSketch`),
   which also gives the input directions a growing module takes.
 """
@@ -92,6 +92,7 @@ class SignalCollector:
         self._b_grad_sum = (
             [torch.zeros_like(pair[1], dtype=torch.float32) for pair in factors] if track_grad_sum else None
         )
+        self._b_grad_square_sum = torch.zeros_like(self._grad_sum, dtype=torch.float64) if track_grad_sum else None
         self.sketch = GradientSketch(layers, adapter, sketch_size, seed) if sketch_size > 0 else None
 
     def _scaled_factors(self, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +126,7 @@ class SignalCollector:
             for total, grad in zip(self._b_grad_sum, grads[1::2]):
                 if grad.dim():
                     total.add_(grad.float())
+            self._b_grad_square_sum += norms[:, 1].double().pow(2)
         if self._sensitivity is not None:
             beta1, beta2 = SENSITIVITY_BETAS
             for (importance, uncertainty), p, grad in zip(self._sensitivity, params, grads):
@@ -142,6 +144,11 @@ class SignalCollector:
     def b_grad_sum(self) -> list[torch.Tensor] | None:
         """Per module: the sum over the recorded steps of ``dL/dB``, or ``None`` when not tracked."""
         return self._b_grad_sum
+
+    @property
+    def b_grad_square_sum(self) -> list[float] | None:
+        """Per module: the sum over the recorded steps of ``|dL/dB|_F^2``, or ``None`` when not tracked."""
+        return None if self._b_grad_square_sum is None else self._b_grad_square_sum.tolist()
 
     @property
     def snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -185,6 +192,7 @@ class SignalCollector:
             if self._sensitivity is None
             else [[t.cpu() for t in pair] for pair in self._sensitivity],
             "b_grad_sum": None if self._b_grad_sum is None else [t.cpu() for t in self._b_grad_sum],
+            "b_grad_square_sum": None if self._b_grad_square_sum is None else self._b_grad_square_sum.cpu(),
             "sketch": None if self.sketch is None else self.sketch.state_dict(),
         }
 
@@ -208,6 +216,11 @@ class SignalCollector:
             self._sensitivity = [[t.to(device) for t in pair] for pair in state["sensitivity"]]
         if self._b_grad_sum is not None:
             self._b_grad_sum = [t.to(device) for t in state["b_grad_sum"]]
+            # checkpoints from before the squares were kept have none: zeros read as "no noise measured"
+            squares = state.get("b_grad_square_sum")
+            self._b_grad_square_sum = (
+                torch.zeros_like(self._b_grad_square_sum) if squares is None else squares.to(device)
+            )
         if self.sketch is not None:
             self.sketch.load_state_dict(state["sketch"])
 

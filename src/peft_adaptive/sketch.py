@@ -17,7 +17,9 @@ spectrum is what the ``gradient_spectrum`` score allocates ranks from.
 
 Steps are kept apart: the hooks add into a per-step buffer that :meth:`GradientSketch.record_step` folds
 into the total once per optimizer step (after gradient accumulation, so micro-batches are summed), and
-only when it is finite (a skipped fp16 step adds nothing). Under ``torch.distributed`` the totals are
+only when it is finite (a skipped fp16 step adds nothing). It also adds the step's squared norm
+``|Psi G_t|_F^2 ~ |G_t|_F^2`` to a per-layer sum, so a score can tell how much of the summed gradient is what the
+steps agree on and how much is noise (:mod:`peft_adaptive.scores.consistent_spectrum`). Under ``torch.distributed`` the totals are
 summed across processes when read. Layers whose input is not a dense feature vector (Embedding,
 convolutions) are not sketched; they grow with random directions.
 """
@@ -57,6 +59,7 @@ class GradientSketch:
         self._psi: list[torch.Tensor] = []
         self._total: list[torch.Tensor] = []
         self._step: list[torch.Tensor] = []
+        self._energy: list[torch.Tensor] = []  # per layer: sum over steps of |Psi G_t|_F^2
         self._handles = []
         for index, name in enumerate(self.names):
             layer = layers[name]
@@ -67,6 +70,7 @@ class GradientSketch:
             self._psi.append(psi / math.sqrt(size))
             self._total.append(torch.zeros(size, fan_in, device=A.device, dtype=torch.float32))
             self._step.append(torch.zeros(size, fan_in, device=A.device, dtype=torch.float32))
+            self._energy.append(torch.zeros((), device=A.device, dtype=torch.float64))
             self._handles.append(layer.register_forward_hook(self._make_hook(index)))
         self.steps = 0
 
@@ -100,8 +104,9 @@ class GradientSketch:
         device = self._step[0].device  # layers of a model split across devices keep their sketches on theirs
         finite = bool(torch.stack([s.isfinite().all().to(device) for s in self._step]).all())
         if finite:
-            for total, step in zip(self._total, self._step):
+            for total, step, energy in zip(self._total, self._step, self._energy):
                 total.add_(step, alpha=1.0 / scale)
+                energy.add_(step.double().pow(2).sum() / scale**2)
             self.steps += 1
         for step in self._step:
             step.zero_()
@@ -115,13 +120,17 @@ class GradientSketch:
 
     def totals(self) -> dict[str, torch.Tensor]:
         """The summed sketches by layer name, summed over processes under ``torch.distributed``."""
-        totals = [t.clone() for t in self._total]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and totals:
-            flat = torch.cat([t.flatten() for t in totals])
-            torch.distributed.all_reduce(flat)
-            totals = list(flat.split([t.numel() for t in totals]))
-            totals = [f.view_as(t) for f, t in zip(totals, self._total)]
-        return dict(zip(self.names, totals))
+        return dict(zip(self.names, _summed_over_processes(self._total)))
+
+    def step_energies(self) -> dict[str, float]:
+        """Per layer name: the sum over steps (and processes) of each step's squared sketch norm ``|Psi G_t|_F^2``."""
+        return {name: float(e) for name, e in zip(self.names, _summed_over_processes(self._energy))}
+
+    @property
+    def samples(self) -> int:
+        """How many step gradients the totals sum: the steps, times the processes under ``torch.distributed``
+        (each process sketches its own share of the batch)."""
+        return self.steps * (torch.distributed.get_world_size() if _distributed() else 1)
 
     def state_dict(self) -> dict:
         return {
@@ -129,6 +138,7 @@ class GradientSketch:
             "size": self.size,
             "steps": self.steps,
             "total": [t.cpu() for t in self._total],
+            "energy": [e.cpu() for e in self._energy],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -136,6 +146,24 @@ class GradientSketch:
             raise ValueError("the saved gradient sketch belongs to a different set of layers or sketch size")
         self.steps = int(state["steps"])
         self._total = [t.to(old.device) for t, old in zip(state["total"], self._total)]
+        # checkpoints from before the energies were kept have none: zero reads as "no noise measured"
+        energies = state.get("energy") or [torch.zeros((), dtype=torch.float64)] * len(self._total)
+        self._energy = [e.to(old.device) for e, old in zip(energies, self._total)]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _summed_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors``, summed over processes under ``torch.distributed`` (one all-reduce)."""
+    tensors = [t.clone() for t in tensors]
+    if not _distributed() or not tensors:
+        return tensors
+    dtype = tensors[0].dtype
+    flat = torch.cat([t.flatten().to(dtype) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    return [f.view_as(t).to(t.dtype) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def sketch_spectrum(sketch: torch.Tensor, steps: int = 1) -> torch.Tensor:

@@ -8,12 +8,15 @@
 * ``"norms"`` (:mod:`.norms`): per-entry RMS gradient (and weight change, ``delta_weight``).
 * ``"sketch_energy"`` (:mod:`.sketch_energy`): per-entry RMS of the mean full-weight gradient.
 * ``"spectral"`` (:mod:`.spectral`): singular values of the learned update ``s B A``.
+* ``"consistent_spectrum"`` (:mod:`.consistent_spectrum`): ``gradient_spectrum`` weighted by how consistently each
+  module's step gradients agree (a large but noisy gradient buys less).
 
 Your own: subclass :class:`Score` (what it :meth:`~Score.needs` collected, how it :meth:`~Score.allocate`\\ s) and
 pass an instance to :func:`register_score`; ``AdaptiveLoraConfig(score=<its name>)`` then uses it.
 """
 
 from .base import SCORES, Needs, Score, ScoredAllocation, get_score, register_score
+from .consistent_spectrum import ConsistentSpectrumScore
 from .gradient_spectrum import GradientSpectrumScore
 from .norms import NormsScore
 from .sensitivity import SensitivityScore
@@ -25,5 +28,6 @@ register_score(SensitivityScore())
 register_score(SketchEnergyScore())
 register_score(SpectralScore())
 register_score(GradientSpectrumScore())
+register_score(ConsistentSpectrumScore())
 
 __all__ = ["SCORES", "Needs", "Score", "ScoredAllocation", "get_score", "register_score"]
