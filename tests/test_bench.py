@@ -50,7 +50,7 @@ from bench.suites import SUITES  # noqa: E402
             Method(
                 SHIPPED_DEFAULT + "+lr2x",
                 "warm",
-                "gradient_spectrum",
+                "consistent_spectrum2",
                 "random",
                 max_r_factor=2,
                 lr_factor=2.0,
@@ -82,7 +82,7 @@ def test_learning_rates_and_grid_names():
     assert methods.method_lr(parse_method("full+lr2x"), suite) == 1e-4
     assert methods.base_name(SHIPPED_DEFAULT + "+lr0.5x") == SHIPPED_DEFAULT
     assert methods.with_lr_factor("eva", 0.5) == "eva+lr0.5x" and methods.with_lr_factor("eva", 1.0) == "eva"
-    assert SHIPPED_DEFAULT == "warm-gradient_spectrum-random+max2r+reset"
+    assert SHIPPED_DEFAULT == "warm-consistent_spectrum2-random+max2r+reset"
 
 
 def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
@@ -396,12 +396,19 @@ def test_report_without_new_methods_renders_dashes(results_tree):
     assert "No learning-rate variants run yet." in text and "## The planted family" not in text
 
 
-def test_every_score_the_harness_names_is_registered():
-    """The harness's score names are the package's scores plus its own candidates, registered through the public
-    ``register_score`` (a name the package does not know would fail only when its first run starts)."""
-    from bench.methods import SCORE_NAMES, register_candidate_scores
+def test_every_score_the_harness_names_is_a_package_config():
+    """The harness's score names are the package's scores, and ``consistent_spectrum2`` its ``consistent_spectrum``
+    at the default power (a name the package did not know would fail only when its first run starts)."""
+    from bench.methods import SCORE_NAMES, score_kwargs
+    from peft_adaptive import AdaptiveLoraConfig
     from peft_adaptive.scores import SCORES
 
-    register_candidate_scores()
-    assert set(SCORE_NAMES) == set(SCORES)
-    assert SCORES["consistent_spectrum2"].power == 2.0 and SCORES["consistent_spectrum"].power == 1.0
+    assert {score_kwargs(name)["score"] for name in SCORE_NAMES} == set(SCORES)
+    assert score_kwargs("consistent_spectrum2") == {"score": "consistent_spectrum", "consistency_power": 2.0}
+    assert score_kwargs("consistent_spectrum")["consistency_power"] == 1.0
+    # the shipped default's run is the package's default configuration
+    default = AdaptiveLoraConfig()
+    assert score_kwargs("consistent_spectrum2") == {
+        "score": default.score,
+        "consistency_power": default.consistency_power,
+    }

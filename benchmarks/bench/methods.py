@@ -4,8 +4,8 @@ Methods (``--methods``): ``lora``, ``lora-4x`` (PEFT's own LoraConfig), ``warm-<
 rank r for ``warmup`` steps while collecting signals, then reallocate in place with ``AdaptiveLoraModel``),
 ``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
 ``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
-``sketch_energy``, ``spectral``, ``gradient_spectrum``, ``consistent_spectrum``; and ``consistent_spectrum2``, a
-benchmark-only candidate registered here), ``uniform`` (no reallocation, calibration only), or a
+``sketch_energy``, ``spectral``, ``gradient_spectrum``; ``consistent_spectrum`` at ``consistency_power=1`` and
+``consistent_spectrum2`` at the package default 2), ``uniform`` (no reallocation, calibration only), or a
 benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
 (the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
 the same rank distribution in other places), all at the same budget through
@@ -57,18 +57,22 @@ SCORE_NAMES = (
     "sketch_energy",
     "spectral",
     "gradient_spectrum",
-    "consistent_spectrum",
-    "consistent_spectrum2",  # benchmark-only candidate: consistent_spectrum weighting by c ** 2 (CANDIDATE_SCORES)
+    "consistent_spectrum",  # run at consistency_power=1 (the first candidate's runs)
+    "consistent_spectrum2",  # consistent_spectrum at consistency_power=2 (the package default since 2026-12-05)
 )
+#: harness score names that are the package's ``consistent_spectrum`` at a given ``consistency_power``
+CONSISTENCY_POWERS = {"consistent_spectrum": 1.0, "consistent_spectrum2": 2.0}
 BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
 #: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
 #: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
 DEFAULT_RUN = "warm-gradient_spectrum-random"
 #: the default until 2026-12-05 (``optimizer_state="migrate"``): most suites' default runs are of this configuration
-PREVIOUS_DEFAULT = DEFAULT_RUN + "+max2r"
-#: the run name of the shipped default (``score="gradient_spectrum"``, random growth, ``max_r = 2r``,
-#: ``optimizer_state="reset"``): the method every other is compared with, besides uniform LoRA
-SHIPPED_DEFAULT = PREVIOUS_DEFAULT + "+reset"
+MIGRATE_DEFAULT = DEFAULT_RUN + "+max2r"
+#: the default after it, until ``consistent_spectrum`` replaced its score the same day (``score="gradient_spectrum"``)
+PREVIOUS_DEFAULT = MIGRATE_DEFAULT + "+reset"
+#: the run name of the shipped default (``score="consistent_spectrum"`` at ``consistency_power=2``, random growth,
+#: ``max_r = 2r``, ``optimizer_state="reset"``): the method every other is compared with, besides uniform LoRA
+SHIPPED_DEFAULT = "warm-consistent_spectrum2-random+max2r+reset"
 #: PEFT's methods and full fine-tuning, by name (see the module docstring)
 PEER_KINDS = ("adalora", "eva", "full")
 #: full fine-tuning's learning rate (the one glue.py used); ``+lr<k>x`` multiplies it
@@ -284,8 +288,6 @@ def build(method: Method, task: Task, model, seed: int = 0):
 
     from . import peers
 
-    register_candidate_scores()
-
     suite = task.suite
     common_kwargs = dict(target_modules=task.targets(), lora_dropout=0.0, use_rslora=suite.use_rslora)
     if method.kind in PEER_KINDS:
@@ -312,13 +314,12 @@ def build(method: Method, task: Task, model, seed: int = 0):
         r=warm_r, lora_alpha=suite.lora_alpha, signal_steps=signal_steps(method, suite), **common_kwargs
     )
     if method.kind == "default" and method.allocation in SCORE_NAMES:
-        adaptive_kwargs["score"] = method.allocation
+        adaptive_kwargs.update(score_kwargs(method.allocation))
     if method.kind != "default":
-        score = method.allocation if method.allocation in SCORE_NAMES else "norms"
+        adaptive_kwargs.update(score_kwargs(method.allocation if method.allocation in SCORE_NAMES else "norms"))
         adaptive_kwargs.update(
             min_r=warm_r if method.kind == "grow" else suite.min_r,
             max_r=max_rank(method, suite),
-            score=score,
             growth=method.growth,
             score_exponent=method.exponent,
             optimizer_state=method.optimizer_state,
@@ -332,14 +333,12 @@ def build(method: Method, task: Task, model, seed: int = 0):
     return peft_model
 
 
-def register_candidate_scores() -> None:
-    """Register the benchmark-only score candidates (through the package's public ``register_score``, as a user
-    would): ``consistent_spectrum2`` weights each module's spectrum by its consistency squared instead of once."""
-    from peft_adaptive.scores import SCORES, register_score
-    from peft_adaptive.scores.consistent_spectrum import ConsistentSpectrumScore
-
-    if "consistent_spectrum2" not in SCORES:
-        register_score(ConsistentSpectrumScore(power=2.0, name="consistent_spectrum2"))
+def score_kwargs(name: str) -> dict[str, Any]:
+    """The ``AdaptiveLoraConfig`` fields a harness score name stands for (``consistent_spectrum2``: the package's
+    ``consistent_spectrum`` at ``consistency_power=2``; plain ``consistent_spectrum`` runs keep the power 1 they ran at)."""
+    if name in CONSISTENCY_POWERS:
+        return {"score": "consistent_spectrum", "consistency_power": CONSISTENCY_POWERS[name]}
+    return {"score": name}
 
 
 def signal_steps(method: Method, suite: Suite) -> int:

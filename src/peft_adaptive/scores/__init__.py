@@ -2,14 +2,14 @@
 
 ``AdaptiveLoraConfig.score`` names one (:data:`SCORES` lists them):
 
-* ``"gradient_spectrum"`` (the default, :mod:`.gradient_spectrum`): singular values of each module's mean
+* ``"consistent_spectrum"`` (the default, :mod:`.consistent_spectrum`): ``gradient_spectrum`` weighted by how
+  consistently each module's step gradients agree (a large but noisy gradient buys less).
+* ``"gradient_spectrum"`` (:mod:`.gradient_spectrum`): singular values of each module's mean
   full-weight gradient, from a random sketch; one global threshold on ``sigma^2`` per parameter.
 * ``"sensitivity"`` (:mod:`.sensitivity`): AdaLoRA's smoothed ``|theta * grad|`` x uncertainty.
 * ``"norms"`` (:mod:`.norms`): per-entry RMS gradient (and weight change, ``delta_weight``).
 * ``"sketch_energy"`` (:mod:`.sketch_energy`): per-entry RMS of the mean full-weight gradient.
 * ``"spectral"`` (:mod:`.spectral`): singular values of the learned update ``s B A``.
-* ``"consistent_spectrum"`` (:mod:`.consistent_spectrum`): ``gradient_spectrum`` weighted by how consistently each
-  module's step gradients agree (a large but noisy gradient buys less).
 
 Your own: subclass :class:`Score` (what it :meth:`~Score.needs` collected, how it :meth:`~Score.allocate`\\ s) and
 pass an instance to :func:`register_score`; ``AdaptiveLoraConfig(score=<its name>)`` then uses it.

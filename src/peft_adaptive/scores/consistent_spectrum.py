@@ -9,7 +9,8 @@ squared norms ``Q = sum_t |G_t|^2`` kept beside the sum, the module's *consisten
 
 is 1 when every step points the same way and about ``1/T`` for pure noise; in expectation it is the share of one
 step's gradient energy that is the expected gradient, plus ``1/T`` times the rest. Each module's ``sigma_ij^2`` is
-multiplied by its ``c`` and the budget split by one global threshold per parameter, as in ``gradient_spectrum``.
+multiplied by ``c ** consistency_power`` (default 2) and the budget split by one global threshold per parameter, as
+in ``gradient_spectrum``.
 (The unbiased signal share ``(T c - 1) / (T - 1)``, the gradient-noise-scale identity of McCandlish et al. 2018,
 is the sharper estimate but swings around zero when every module is noise-dominated; ``c`` keeps the ``1/T``
 floor and with it the spectrum's order.) Both sums come from the sketches ``gradient_spectrum`` already keeps
@@ -24,20 +25,13 @@ from .spectral import allocate_spectra
 
 
 class ConsistentSpectrumScore(Score):
-    """Registered as ``"consistent_spectrum"`` with ``power=1``: ``sigma^2 * c``, which orders modules as
-    ``|S| * sqrt(c)``, the loss decrease a sign-like optimizer such as Adam makes along a module's mean gradient over
-    the steps (its step along a direction scales with the gradient's mean over its RMS). Another ``power`` weights
-    by ``c ** power`` (register it under another ``name``)."""
+    """``sigma^2 * c ** config.consistency_power``. The default power 2 orders modules as ``|S| * c``; power 1 as
+    ``|S| * sqrt(c)``, the loss decrease a sign-like optimizer such as Adam makes along a module's mean gradient
+    (its step along a direction scales with the gradient's mean over its RMS). Power 2 was chosen over 1 by the
+    pre-registered benchmark rules (benchmarks/RESULTS.md)."""
 
     name = "consistent_spectrum"
     gradient_only = True
-
-    def __init__(self, power: float = 1.0, name: str | None = None):
-        if power < 0:
-            raise ValueError(f"power must be >= 0, got {power}")
-        self.power = power
-        if name is not None:
-            self.name = name
 
     def needs(self, config, layers, adapter) -> Needs:
         return Needs(grad_sum=True, sketch=True)
@@ -45,7 +39,8 @@ class ConsistentSpectrumScore(Score):
     def allocate(self, collector, costs, budget, config) -> ScoredAllocation:
         spectra = gradient_spectra(collector)
         weights = module_consistencies(collector)
-        weighted = [[v * c ** (self.power / 2) for v in spectrum] for spectrum, c in zip(spectra, weights)]
+        power = config.consistency_power
+        weighted = [[v * c ** (power / 2) for v in spectrum] for spectrum, c in zip(spectra, weights)]
         return allocate_spectra(weighted, costs, budget, config)
 
 
