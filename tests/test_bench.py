@@ -355,10 +355,10 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     peers = section(text, "Peers side by side: each method against uniform LoRA")
     assert peers[4].startswith(
         "| suite (metric, ↑ higher / ↓ lower is better) | uniform LoRA | our default | previous default "
-        "(optimizer_state='migrate') | AdaLoRA |"
+        "(score='gradient_spectrum') | older default (also optimizer_state='migrate') | AdaLoRA |"
     )
     assert peers[6] == (
-        "| planted (`gap_closed` ↑) | 0.1100 (3) | +0.0500 ± 0.0248 **better** (3) | – | -0.0100 ± 0.0248 inside (3) | "
+        "| planted (`gap_closed` ↑) | 0.1100 (3) | +0.0500 ± 0.0248 **better** (3) | – | – | -0.0100 ± 0.0248 inside (3) | "
         "+0.0100 ± 0.0050 **better** (3) | – | +0.1033 ± 0.0379 **better** (3) | +0.0900 ± 0.0248 **better** (3) |"
     )
     assert (peers_tree / "summary.md").read_text().splitlines()[4] == peers[6]  # the same table, for the README
@@ -391,7 +391,7 @@ def test_report_without_new_methods_renders_dashes(results_tree):
     peers = section(text, "Peers side by side: each method against uniform LoRA")
     assert (
         peers[6]
-        == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
+        == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
     )
     assert "No learning-rate variants run yet." in text and "## The planted family" not in text
 
