@@ -105,13 +105,14 @@ def test_collector_state_round_trip(track_delta):
     restored = SignalCollector(model.base_model.adapted_modules(), "default", track_delta=track_delta)
     restored.load_state_dict(collector.state_dict())
     assert restored.signals() == collector.signals()
-    summed = SignalCollector(model.base_model.adapted_modules(), "default", track_grad_sum=True)
+    layers = model.base_model.adapted_modules()
+    summed = SignalCollector(layers, "default", track_grad_sum=True, track_step_energy=True)
     loss_of(model, token_batch()).backward()
     summed.record_gradients()
     squares = summed.b_grad_square_sum
     # one step: the squared norm of the summed dL/dB is the step's own
     assert squares == pytest.approx([float(t.double().pow(2).sum()) for t in summed.b_grad_sum], rel=1e-5)
-    restored = SignalCollector(model.base_model.adapted_modules(), "default", track_grad_sum=True)
+    restored = SignalCollector(layers, "default", track_grad_sum=True, track_step_energy=True)
     restored.load_state_dict(summed.state_dict())
     assert restored.b_grad_square_sum == squares
     other = SignalCollector(dict(list(model.base_model.adapted_modules().items())[:3]), "default")

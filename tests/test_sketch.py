@@ -77,7 +77,7 @@ def test_step_energies_are_each_steps_squared_sketch_norm_summed():
     # the summed sketch's energy is at most T times the per-step sum (Cauchy-Schwarz), equal only if all steps agree
     for name, total in collector.sketch.totals().items():
         assert float(total.double().pow(2).sum()) <= 3 * got[name] * (1 + 1e-6)
-    assert collector.sketch.samples == 3
+    assert collector.sketch.steps == 3
     state = collector.sketch.state_dict()
     restored = sketched_llama().start_signal_collection().sketch
     restored.load_state_dict(state)

@@ -346,6 +346,7 @@ class AdaptiveLoraModel(LoraModel):
             track_delta=needs.delta if track_delta is None else track_delta,
             track_sensitivity=needs.sensitivity,
             track_grad_sum=needs.grad_sum,
+            track_step_energy=needs.step_energy,
             # gradient growth takes its directions from the sketch, whatever the score
             sketch_size=config.sketch_size if needs.sketch or config.growth == "gradient" else 0,
             seed=seed,

@@ -27,7 +27,8 @@ module only accumulates; what a score makes of them is in that score's own file 
   (``beta1``) and weighted by an EMA of its own uncertainty ``|I - I_bar|`` (``beta2``); two float32 tensors
   per factor;
 * ``grad_sum``: the sum over steps of ``dL/dB = s G A^T``, a random sketch of the module's summed
-  full-weight gradient (one float32 tensor of ``B``'s shape), and the sum of each step's ``|dL/dB|_F^2``;
+  full-weight gradient (one float32 tensor of ``B``'s shape), and with ``step_energy`` the sum of each step's
+  ``|dL/dB|_F^2``;
 * ``sketch``: the row-space sketch of the summed full-weight gradient (:class:`~peft_adaptive.sketch.GradientSketch`),
   which also gives the input directions a growing module takes.
 """
@@ -67,6 +68,7 @@ class SignalCollector:
         track_delta: bool = True,
         track_sensitivity: bool = False,
         track_grad_sum: bool = False,
+        track_step_energy: bool = False,
         sketch_size: int = 0,
         seed: int = 0,
     ):
@@ -92,8 +94,13 @@ class SignalCollector:
         self._b_grad_sum = (
             [torch.zeros_like(pair[1], dtype=torch.float32) for pair in factors] if track_grad_sum else None
         )
-        self._b_grad_square_sum = torch.zeros_like(self._grad_sum, dtype=torch.float64) if track_grad_sum else None
-        self.sketch = GradientSketch(layers, adapter, sketch_size, seed) if sketch_size > 0 else None
+        track_square_sum = track_grad_sum and track_step_energy
+        self._b_grad_square_sum = torch.zeros_like(self._grad_sum, dtype=torch.float64) if track_square_sum else None
+        self.sketch = (
+            GradientSketch(layers, adapter, sketch_size, seed, step_energy=track_step_energy)
+            if sketch_size > 0
+            else None
+        )
 
     def _scaled_factors(self, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = lora_factors(layer, self.adapter)
@@ -126,7 +133,8 @@ class SignalCollector:
             for total, grad in zip(self._b_grad_sum, grads[1::2]):
                 if grad.dim():
                     total.add_(grad.float())
-            self._b_grad_square_sum += norms[:, 1].double().pow(2)
+            if self._b_grad_square_sum is not None:
+                self._b_grad_square_sum += norms[:, 1].double().pow(2)
         if self._sensitivity is not None:
             beta1, beta2 = SENSITIVITY_BETAS
             for (importance, uncertainty), p, grad in zip(self._sensitivity, params, grads):
@@ -216,6 +224,7 @@ class SignalCollector:
             self._sensitivity = [[t.to(device) for t in pair] for pair in state["sensitivity"]]
         if self._b_grad_sum is not None:
             self._b_grad_sum = [t.to(device) for t in state["b_grad_sum"]]
+        if self._b_grad_square_sum is not None:
             # checkpoints from before the squares were kept have none: zeros read as "no noise measured"
             squares = state.get("b_grad_square_sum")
             self._b_grad_square_sum = (

@@ -17,9 +17,11 @@ spectrum is what the ``gradient_spectrum`` score allocates ranks from.
 
 Steps are kept apart: the hooks add into a per-step buffer that :meth:`GradientSketch.record_step` folds
 into the total once per optimizer step (after gradient accumulation, so micro-batches are summed), and
-only when it is finite (a skipped fp16 step adds nothing). It also adds the step's squared norm
-``|Psi G_t|_F^2 ~ |G_t|_F^2`` to a per-layer sum, so a score can tell how much of the summed gradient is what the
-steps agree on and how much is noise (:mod:`peft_adaptive.scores.consistent_spectrum`). Under ``torch.distributed`` the totals are
+only when it is finite (a skipped fp16 step adds nothing). With ``step_energy`` it also adds the step's squared
+norm ``|Psi G_t|_F^2 ~ |G_t|_F^2`` to a per-layer sum, so a score can tell how much of the summed gradient is what
+the steps agree on and how much is noise (:mod:`peft_adaptive.scores.consistent_spectrum`); under
+``torch.distributed`` each step's sketch is then summed across the processes before its norm is taken, so ``G_t``
+is the whole batch's gradient and the result does not depend on how many processes share the batch. Under ``torch.distributed`` the totals are
 summed across processes when read. Layers whose input is not a dense feature vector (Embedding,
 convolutions) are not sketched; they grow with random directions.
 """
@@ -48,9 +50,11 @@ class GradientSketch:
         adapter: the adapter whose layers are sketched (only used for shapes).
         size: rows ``k`` of each sketch; the spectrum and the growth directions are known up to rank ``k``.
         seed: seeds ``Psi`` (the same on every process of a distributed run).
+        step_energy: also sum each step's squared sketch norm (one all-reduce of the step's sketch per step under
+            ``torch.distributed``).
     """
 
-    def __init__(self, layers: dict[str, LoraLayer], adapter: str, size: int, seed: int = 0):
+    def __init__(self, layers: dict[str, LoraLayer], adapter: str, size: int, seed: int = 0, step_energy: bool = False):
         if size < 1:
             raise ValueError(f"sketch size must be >= 1, got {size}")
         self.names = [name for name, layer in layers.items() if sketchable(layer, adapter)]
@@ -60,6 +64,7 @@ class GradientSketch:
         self._total: list[torch.Tensor] = []
         self._step: list[torch.Tensor] = []
         self._energy: list[torch.Tensor] = []  # per layer: sum over steps of |Psi G_t|_F^2
+        self.step_energy = step_energy
         self._handles = []
         for index, name in enumerate(self.names):
             layer = layers[name]
@@ -102,11 +107,14 @@ class GradientSketch:
         if not self._step:
             return True
         device = self._step[0].device  # layers of a model split across devices keep their sketches on theirs
+        if self.step_energy and _distributed():  # the whole batch's step, the same on every process
+            self._step = _summed_over_processes(self._step)
         finite = bool(torch.stack([s.isfinite().all().to(device) for s in self._step]).all())
         if finite:
             for total, step, energy in zip(self._total, self._step, self._energy):
                 total.add_(step, alpha=1.0 / scale)
-                energy.add_(step.double().pow(2).sum() / scale**2)
+                if self.step_energy:
+                    energy.add_(step.double().pow(2).sum() / scale**2)
             self.steps += 1
         for step in self._step:
             step.zero_()
@@ -120,17 +128,14 @@ class GradientSketch:
 
     def totals(self) -> dict[str, torch.Tensor]:
         """The summed sketches by layer name, summed over processes under ``torch.distributed``."""
+        if self.step_energy:  # each step was already summed over the processes
+            return {name: t.clone() for name, t in zip(self.names, self._total)}
         return dict(zip(self.names, _summed_over_processes(self._total)))
 
     def step_energies(self) -> dict[str, float]:
-        """Per layer name: the sum over steps (and processes) of each step's squared sketch norm ``|Psi G_t|_F^2``."""
-        return {name: float(e) for name, e in zip(self.names, _summed_over_processes(self._energy))}
-
-    @property
-    def samples(self) -> int:
-        """How many step gradients the totals sum: the steps, times the processes under ``torch.distributed``
-        (each process sketches its own share of the batch)."""
-        return self.steps * (torch.distributed.get_world_size() if _distributed() else 1)
+        """Per layer name: the sum over steps of each step's squared sketch norm ``|Psi G_t|_F^2`` (zeros unless
+        ``step_energy``)."""
+        return {name: float(e) for name, e in zip(self.names, self._energy)}
 
     def state_dict(self) -> dict:
         return {

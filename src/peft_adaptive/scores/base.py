@@ -30,6 +30,9 @@ class Needs:
     sensitivity: bool = False  # AdaLoRA's smoothed importance and uncertainty of every adapter entry
     grad_sum: bool = False  # the summed ``dL/dB``: a random sketch of the summed full-weight gradient
     sketch: bool = False  # the row-space sketch of the summed full-weight gradient (peft_adaptive.sketch)
+    # each step's squared gradient norm beside the sums (of the dL/dB sketch, and of the row-space sketch, which under
+    # torch.distributed is then summed across the processes every step: one all-reduce per signal step)
+    step_energy: bool = False
 
 
 @dataclass

@@ -34,7 +34,7 @@ class ConsistentSpectrumScore(Score):
     gradient_only = True
 
     def needs(self, config, layers, adapter) -> Needs:
-        return Needs(grad_sum=True, sketch=True)
+        return Needs(grad_sum=True, sketch=True, step_energy=True)
 
     def allocate(self, collector, costs, budget, config) -> ScoredAllocation:
         spectra = gradient_spectra(collector)
@@ -61,13 +61,13 @@ def module_consistencies(collector) -> list[float]:
     b_steps = int(collector.finite_steps())
     values = [
         consistency(float(total.double().pow(2).sum()), squares, b_steps)
-        for total, squares in zip(b_totals, collector.b_grad_square_sum)
+        for total, squares in zip(b_totals, require(collector.b_grad_square_sum, "step_energy"))
     ]
     if collector.sketch is None:
         return values
     totals, energies = collector.sketch.totals(), collector.sketch.step_energies()
-    samples = collector.sketch.samples
+    steps = collector.sketch.steps
     return [
-        consistency(float(totals[name].double().pow(2).sum()), energies[name], samples) if name in totals else value
+        consistency(float(totals[name].double().pow(2).sum()), energies[name], steps) if name in totals else value
         for name, value in zip(collector.names, values)
     ]
