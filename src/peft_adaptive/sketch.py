@@ -17,13 +17,14 @@ spectrum is what the ``gradient_spectrum`` score allocates ranks from.
 
 Steps are kept apart: the hooks add into a per-step buffer that :meth:`GradientSketch.record_step` folds
 into the total once per optimizer step (after gradient accumulation, so micro-batches are summed), and
-only when it is finite (a skipped fp16 step adds nothing). With ``step_energy`` it also adds the step's squared
-norm ``|Psi G_t|_F^2 ~ |G_t|_F^2`` to a per-layer sum, so a score can tell how much of the summed gradient is what
-the steps agree on and how much is noise (:mod:`peft_adaptive.scores.consistent_spectrum`); under
-``torch.distributed`` each step's sketch is then summed across the processes before its norm is taken, so ``G_t``
-is the whole batch's gradient and the result does not depend on how many processes share the batch. Under ``torch.distributed`` the totals are
-summed across processes when read. Layers whose input is not a dense feature vector (Embedding,
-convolutions) are not sketched; they grow with random directions.
+only when it is finite (a skipped fp16 step adds nothing). Under ``torch.distributed`` the totals are
+summed across processes when read. With ``step_energy`` the sketch also adds each step's squared norm
+``|Psi G_t|_F^2 ~ |G_t|_F^2`` to a per-layer sum, so a score can tell how much of the summed gradient is what the
+steps agree on and how much is noise (:mod:`peft_adaptive.scores.consistent_spectrum`); under
+``torch.distributed`` each step's sketch is then summed across the processes before its norm is taken (one
+all-reduce per step), so ``G_t`` is the whole batch's gradient and the result does not depend on how many processes
+share the batch. Layers whose input is not a dense feature vector (Embedding, convolutions) are not sketched;
+they grow with random directions.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def accelerate_loop(signal_steps: int = 3, steps: int = 7) -> dict:
     from accelerate import Accelerator
 
     accelerator = Accelerator(gradient_accumulation_steps=2)
-    # consistent_spectrum: its per-step sketch energies are summed across the processes too (float64 all-reduce)
+    # consistent_spectrum (the default, named for the intent): each signal step's sketch is summed across the
+    # processes before its squared norm is taken (one all-reduce per step)
     model = adaptive_model(max_r=12, signal_steps=signal_steps, score="consistent_spectrum")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     data = TokenDataset(2 * 2 * steps * 4, seed=4)  # 2 processes x 2 micro-batches x steps, batch 4

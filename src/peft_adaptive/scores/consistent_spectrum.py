@@ -14,7 +14,9 @@ in ``gradient_spectrum``.
 (The unbiased signal share ``(T c - 1) / (T - 1)``, the gradient-noise-scale identity of McCandlish et al. 2018,
 is the sharper estimate but swings around zero when every module is noise-dominated; ``c`` keeps the ``1/T``
 floor and with it the spectrum's order.) Both sums come from the sketches ``gradient_spectrum`` already keeps
-(the row-space sketch, or the ``dL/dB`` sketch for layers without one): no extra memory or compute to speak of.
+(the row-space sketch, or the ``dL/dB`` sketch for layers without one): one more number per module; under
+``torch.distributed`` each signal step's sketch is summed across the processes (one all-reduce per step) so that
+``G_t`` is the whole batch's gradient, as in a single process.
 """
 
 from __future__ import annotations
