@@ -262,6 +262,19 @@ def section(text: str, title: str) -> list[str]:
     return lines[start:end]
 
 
+def test_fixed_copies_the_in_place_runs_ranks_with_or_without_reset(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_ADAPTIVE_ALLOCATION_RESULTS", str(tmp_path))
+    fixed = parse_method("fixed-norms-random+max2r")
+    with pytest.raises(SystemExit, match="run warm-norms-random\\+max2r first"):
+        methods.fixed_ranks("planted", fixed, 0)
+    allocation = {"step": 30, "scores": [], "removed": [MODULES[5]]}
+    reset_run = record("warm-norms-random+max2r+reset", 0, 0.1, [1, 8, 2, 6, 3], allocation=allocation)
+    write(tmp_path, [reset_run])
+    assert methods.fixed_ranks("planted", fixed, 0) == dict(zip(MODULES, [1, 8, 2, 6, 3, 0]))
+    write(tmp_path, [record("warm-norms-random+max2r", 0, 0.1, [4] * 6)])  # the run without +reset comes first
+    assert methods.fixed_ranks("planted", fixed, 0) == dict.fromkeys(MODULES, 4)
+
+
 def test_report_renders_a_fake_results_tree(results_tree):
     text = report.report()
     assert (results_tree / "report.md").read_text() == text  # the full report is written

@@ -19,8 +19,8 @@ every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more
 ``...+reset`` restarts the optimizer state of every resized module (``optimizer_state="reset"``) instead of
 migrating a grown module's moments; ``...+rankscale`` gives every resized module the scaling of its new rank
 (``resize_scaling="rank"``) instead of keeping the one it trained with. ``fixed-<alloc>-<growth>``
-is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run of the same seed
-ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
+is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run (or its ``+reset``
+run) of the same seed ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 ``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
 it needed, from the singular values of its learned updates at the end (run that first). It is what a score could
 get by knowing in advance where a 4x adapter ends up using its extra rank. Every run records those singular values
@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .records import final_ranks, source_run
+from .records import final_ranks, result_path, source_run
 from .suites import Suite
 
 if TYPE_CHECKING:
@@ -242,8 +242,14 @@ def source_ranks(suite: str, method: str, seed: int, user: str) -> dict[str, int
 
 
 def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
-    """The final ranks of the in-place run a ``fixed-*`` method copies (its removed modules stay unadapted)."""
-    return source_ranks(suite, "warm-" + method.name.split("-", 1)[1], seed, user=method.name)
+    """The final ranks of the in-place run a ``fixed-*`` method copies (its removed modules stay unadapted).
+
+    That run is ``warm-<alloc>-<growth>`` with the same suffixes or, where it was not run, the same with ``+reset``:
+    the optimizer-state option acts only after the one reallocation, so both end with the same ranks."""
+    source = "warm-" + method.name.split("-", 1)[1]
+    if not result_path(suite, source, seed).is_file() and result_path(suite, source + "+reset", seed).is_file():
+        source += "+reset"
+    return source_ranks(suite, source, seed, user=method.name)
 
 
 def hindsight_ranks(suite: Suite, source: dict) -> dict[str, int]:
