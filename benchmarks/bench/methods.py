@@ -5,7 +5,7 @@ rank r for ``warmup`` steps while collecting signals, then reallocate in place w
 ``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
 ``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
 ``sketch_energy``, ``spectral``, ``gradient_spectrum``; ``consistent_spectrum`` at ``consistency_power=1`` and
-``consistent_spectrum2`` at the package default 2), ``uniform`` (no reallocation, calibration only), or a
+``consistent_spectrum2`` at the package default 2, ``consistent_spectrum4`` at 4), ``uniform`` (no reallocation, calibration only), or a
 benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
 (the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
 the same rank distribution in other places), all at the same budget through
@@ -59,9 +59,10 @@ SCORE_NAMES = (
     "gradient_spectrum",
     "consistent_spectrum",  # run at consistency_power=1 (the first candidate's runs)
     "consistent_spectrum2",  # consistent_spectrum at consistency_power=2 (the package default since 2026-12-05)
+    "consistent_spectrum4",  # at consistency_power=4 (a candidate, RESULTS.md 2026-12-05 evening)
 )
 #: harness score names that are the package's ``consistent_spectrum`` at a given ``consistency_power``
-CONSISTENCY_POWERS = {"consistent_spectrum": 1.0, "consistent_spectrum2": 2.0}
+CONSISTENCY_POWERS = {"consistent_spectrum": 1.0, "consistent_spectrum2": 2.0, "consistent_spectrum4": 4.0}
 BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
 #: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
 #: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
