@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from peft_adaptive import Allocation, allocate_ranks
-from peft_adaptive.allocation import _extend_spectrum, allocate_by_spectrum
+from peft_adaptive.allocation import _extend_spectrum, allocate_by_spectrum, predicted_gain
 
 SETTINGS = settings(max_examples=100, deadline=None)
 
@@ -300,3 +300,31 @@ def test_spectrum_allocation_prices_ranks_per_parameter():
 def test_spectrum_allocation_rejects_bad_spectra(spectra, message):
     with pytest.raises(ValueError, match=message):
         allocate_by_spectrum(spectra, [10], budget=40, min_r=0, max_r=4)
+
+
+# --- predicted gain -------------------------------------------------------------------------------------
+
+
+def test_predicted_gain_by_hand():
+    """Value of ranks [2, 2] = (4 + 3) + (1 + 1) = 9; of [3, 1] = (4 + 3 + 2) + 1 = 10; [1, 3] extends the flat
+    second spectrum past its measured length: 4 + (1 + 1 + 1) = 7."""
+    spectra = [[4.0, 3.0, 2.0], [1.0, 1.0]]
+    assert predicted_gain(spectra, [2, 2], [2, 2]) == 1.0
+    assert predicted_gain(spectra, [2, 2], [3, 1]) == pytest.approx(10 / 9)
+    assert predicted_gain(spectra, [2, 2], [1, 3]) == pytest.approx(7 / 9)
+    assert math.isnan(predicted_gain([[0.0], [0.0]], [1, 1], [2, 0]))
+    with pytest.raises(ValueError, match="same length"):
+        predicted_gain(spectra, [2, 2], [4])
+
+
+@SETTINGS
+@given(spectrum_problems(equal_costs=True))
+def test_predicted_gain_of_the_allocation_is_at_least_one_against_any_ranks_it_could_have_kept(problem):
+    """With equal costs the threshold allocation maximises the value, so it is worth at least as much as any other
+    feasible ranks (uniform ranks among them): a gain below 1 would mean the score chose ranks it values less."""
+    spectra, costs, budget, min_r, max_r = problem
+    alloc = allocate_by_spectrum(spectra, costs, budget, min_r, max_r)
+    uniform = min(max_r, budget // sum(costs)) if costs else 0
+    assume(costs and uniform >= min_r)
+    gain = predicted_gain(spectra, [uniform] * len(spectra), alloc.ranks)
+    assert math.isnan(gain) or gain >= 1 - 1e-9

@@ -114,6 +114,7 @@ def test_reallocates_once_after_the_signal_steps_with_accumulation_and_clipping(
     assert len(entries) == 1 and entries[0]["step"] == WARMUP
     assert entries[0]["adaptive_lora/params_used"] == model.base_model.adapter_param_count()
     assert {k.removeprefix("adaptive_lora/rank/"): v for k, v in entries[0].items() if "/rank/" in k} == ranks
+    assert entries[0]["adaptive_lora/predicted_gain"] == adaptive.report.predicted_gain > 1.0
     # the config records it, so a saved adapter says when and how the ranks were chosen
     assert model.peft_config["default"].reallocation_step == WARMUP
     assert model.peft_config["default"].allocation["ranks_after"] == list(ranks.values())

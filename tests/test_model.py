@@ -149,6 +149,8 @@ def test_budget_is_met_and_fully_used(run):
     assert report.signal_steps == WARMUP
     assert report.ranks_before == list(run["ranks_before"].values())
     assert report.ranks_after == [run["ranks_after"][n] for n in report.names]
+    # the default (a spectrum score) values its new ranks above the uniform ones it started from
+    assert report.predicted_gain > 1.0
 
 
 def test_ranks_changed_and_differ(run):
@@ -178,6 +180,7 @@ def test_higher_score_never_gets_fewer_ranks_at_equal_cost(name):
         optimizer.zero_grad()
     report = tuner.reallocate(optimizer, step=WARMUP)
     assert len(set(report.ranks_after)) > 1  # the property below is not vacuous
+    assert report.predicted_gain is None  # a proportional score has no spectra to value ranks by
     costs = [cost_per_rank(tuner.adapted_modules()[n], "default") for n in report.names]
     for i in range(len(costs)):
         for j in range(len(costs)):

@@ -202,7 +202,12 @@ def allocation_record(report, eva: dict | None) -> dict | None:
         return {"step": 0, "scores": None, "removed": eva["removed"], "by": "eva"}
     if report is None:
         return None
-    return {"step": report.step, "scores": report.scores, "removed": report.removed}
+    return {
+        "step": report.step,
+        "scores": report.scores,
+        "removed": report.removed,
+        "predicted_gain": report.predicted_gain,
+    }
 
 
 def cost_record(method: Method, task: Task, training: Training, init_seconds: float, monitor) -> dict[str, Any]:

@@ -128,6 +128,29 @@ def _greedy(
     return Allocation(ranks=ranks, budget=budget, used=budget - remaining)
 
 
+def predicted_gain(
+    spectra: Sequence[Sequence[float]], ranks_before: Sequence[int], ranks_after: Sequence[int]
+) -> float:
+    """How much more the new ranks are worth than the old ones, by the spectra that chose them.
+
+    The value of an allocation is the sum of each module's first ``rank`` spectrum values (extended past the
+    measured length as :func:`allocate_by_spectrum` extends them); the result is ``value(after) / value(before)``.
+    About 1 means the score sees nothing to gain from moving rank between modules (its need is spread evenly);
+    ``nan`` when the old ranks are worth nothing. A diagnostic: it is in the score's own units, not the loss's.
+    """
+    if not len(spectra) == len(ranks_before) == len(ranks_after):
+        raise ValueError(
+            f"spectra, ranks_before and ranks_after must have the same length, got {len(spectra)}, "
+            f"{len(ranks_before)} and {len(ranks_after)}"
+        )
+
+    def value(ranks: Sequence[int]) -> float:
+        return sum(sum(_extend_spectrum(s, r, i)) for i, (s, r) in enumerate(zip(spectra, ranks)))
+
+    before = value(ranks_before)
+    return value(ranks_after) / before if before > 0 else float("nan")
+
+
 def _extend_spectrum(spectrum: Sequence[float], length: int, index: int) -> list[float]:
     values = [float(v) for v in spectrum]
     for j, v in enumerate(values):

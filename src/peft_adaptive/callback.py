@@ -232,6 +232,8 @@ class AdaptiveLoraCallback(TrainerCallback):
             "adaptive_lora/params_used": report.used,
             "adaptive_lora/signal_steps": report.signal_steps,
         }
+        if report.predicted_gain is not None:
+            logs["adaptive_lora/predicted_gain"] = report.predicted_gain
         for name, rank, score in zip(report.names, report.ranks_after, report.scores):
             logs[f"adaptive_lora/rank/{name}"] = rank
             logs[f"adaptive_lora/score/{name}"] = score

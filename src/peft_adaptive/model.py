@@ -13,6 +13,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import _get_submodules
 
 from . import distributed as _distributed
+from .allocation import predicted_gain
 from .config import AdaptiveLoraConfig
 from .fsdp import check_adapter_unsharded
 from .naming import pattern_key
@@ -52,6 +53,9 @@ class AllocationReport:
     score: str = "norms"
     growth: str = "random"
     removed: list[str] | None = None  # modules whose rank went to 0 and that were unwrapped
+    #: spectrum scores: the new ranks' value over the old ones' by the score's own spectra (about 1: the score saw
+    #: nothing to gain from moving rank; allocation.predicted_gain); None for other scores and explicit ranks
+    predicted_gain: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +71,10 @@ class AllocationReport:
             d_text = f"{d:>10.3e}" if d is not None else f"{'n/a':>10}"
             lines.append(f"{n:<{width}}  {r0:>3} -> {r1:<3}  {s:>8.4f}  {g:>10.3e}  {d_text}")
         lines.append(f"adapter parameters: {self.used} used of a budget of {self.budget}")
+        if self.predicted_gain is not None:
+            lines.append(
+                f"predicted gain (the new ranks' value over the old ones', by the score): {self.predicted_gain:.4f}"
+            )
         return "\n".join(lines)
 
 
@@ -433,6 +441,7 @@ class AdaptiveLoraModel(LoraModel):
                 stacklevel=3,
             )
             ranks = {n: modules[n].r[adapter_name] for n in signals.names}
+        scored = None
         if ranks is None:
             scored = get_score(config.score).allocate(collector, costs, budget, config)
             scores, ranks = scored.scores, dict(zip(signals.names, scored.allocation.ranks))
@@ -441,6 +450,9 @@ class AdaptiveLoraModel(LoraModel):
             scores = [float("nan")] * len(signals.names)
         ranks = _same_on_every_process(ranks, modules)
         ranks_before = [modules[n].r[adapter_name] for n in signals.names]
+        gain = None
+        if scored is not None and scored.values is not None:
+            gain = predicted_gain(scored.values, ranks_before, [ranks[n] for n in signals.names])
         directions = self._growth_directions(collector, modules, adapter_name, ranks, initialise)
         self._close_collector(adapter_name)
         if config.param_budget is None:
@@ -467,6 +479,7 @@ class AdaptiveLoraModel(LoraModel):
             score=config.score,
             growth=config.growth,
             removed=removed,
+            predicted_gain=gain,
         )
         config.reallocation_step = step
         config.allocation = report.to_dict()

@@ -39,6 +39,8 @@ class Needs:
 class ScoredAllocation:
     scores: list[float]  # per module, normalised to sum to one (for the report and the logs)
     allocation: Allocation
+    #: spectrum scores: what each module's ranks are worth, the values the allocation split (for predicted_gain)
+    values: list[list[float]] | None = None
 
 
 class Score:

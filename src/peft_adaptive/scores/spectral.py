@@ -33,7 +33,7 @@ def allocate_spectra(spectra: list[list[float]], costs, budget: int, config) -> 
     ``sigma``, closer to what a sign-like optimizer such as Adam gains along it)."""
     energies = [[v ** (2 * config.score_exponent) for v in s] for s in spectra]
     allocation = allocate_by_spectrum(energies, costs, budget, config.min_r, config.max_r)
-    return ScoredAllocation(normalise([sum(e) for e in energies]), allocation)
+    return ScoredAllocation(normalise([sum(e) for e in energies]), allocation, values=energies)
 
 
 @torch.no_grad()
