@@ -46,6 +46,18 @@ from bench.suites import SUITES  # noqa: E402
         ("adalora+lr2x", Method("adalora+lr2x", "adalora", lr_factor=2.0)),
         ("eva-rho1+lr1x", Method("eva-rho1+lr1x", "eva", eva_rho=1.0)),
         (
+            "warm-consistent_spectrum2-random+max2r+reset+gate1.02",
+            Method(
+                "warm-consistent_spectrum2-random+max2r+reset+gate1.02",
+                "warm",
+                "consistent_spectrum2",
+                "random",
+                max_r_factor=2,
+                optimizer_state="reset",
+                min_predicted_gain=1.02,
+            ),
+        ),
+        (
             SHIPPED_DEFAULT + "+lr2x",
             Method(
                 SHIPPED_DEFAULT + "+lr2x",
@@ -110,6 +122,7 @@ def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
         ("warm-norms-random+max0r", "K >= 1"),
         ("adalora+s5", "\\+lr<k>x \\(the learning rate times k"),
         ("lora+max2r", "for warm/grow/prune/calib/fixed methods"),
+        ("fixed-norms-random+gate1.02", "\\+gate<g> \\(min_predicted_gain=g"),
         ("eva+lr0x", "needs k > 0"),
         ("eva-rho3", "unknown method 'eva-rho3'"),
     ],

@@ -164,6 +164,37 @@ def test_ranks_changed_and_differ(run):
         assert layer.lora_B["default"].weight.shape[1] == ranks[n]
 
 
+def _warm_and_reallocate(**config):
+    """Signal steps on the tiny llama, then the reallocation: (tuner, optimizer, report, the optimizer's state ids)."""
+    torch.manual_seed(0)
+    model = adaptive_model("llama", signal_steps=WARMUP, max_r=12, **config)
+    tuner, batch = model.base_model, make_batch("llama")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner.start_signal_collection()
+    for _ in range(WARMUP):
+        model(**batch).loss.backward()
+        tuner.record_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = optimizer_ids(optimizer)
+    return tuner, optimizer, tuner.reallocate(optimizer, step=WARMUP), before
+
+
+def test_min_predicted_gain_keeps_the_ranks_below_it_and_changes_nothing_above_it():
+    _, _, free, _ = _warm_and_reallocate()
+    assert free.predicted_gain > 1.0 and not free.kept_ranks and len(set(free.ranks_after)) > 1
+    # a threshold just below the gain reallocates exactly as without one
+    _, _, below, _ = _warm_and_reallocate(min_predicted_gain=free.predicted_gain * 0.999)
+    assert below.ranks_after == free.ranks_after and not below.kept_ranks
+    # just above it: the ranks stay, no parameter is replaced, the budget and the report say what happened
+    tuner, optimizer, above, before = _warm_and_reallocate(min_predicted_gain=free.predicted_gain * 1.001)
+    assert above.kept_ranks and above.predicted_gain == pytest.approx(free.predicted_gain)
+    assert above.ranks_after == above.ranks_before == [R] * len(above.names)
+    assert set(tuner.ranks().values()) == {R} and optimizer_ids(optimizer) == before
+    assert tuner.adapter_param_count() == tuner.param_budget()
+    assert "min_predicted_gain: the ranks stay as they were" in above.table()
+
+
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_higher_score_never_gets_fewer_ranks_at_equal_cost(name):
     """Proportional scores (here sensitivity): ranks follow the score among modules of the same cost. (The spectrum
@@ -418,6 +449,12 @@ def test_default_rank_bounds():
             "consistency_power=1.0 with score='gradient_spectrum'",
         ),
         (dict(score="spectral", grad_weight=2.0), "grad_weight=2.0.*only apply to score='norms'"),
+        (dict(min_predicted_gain=-0.1), "min_predicted_gain"),
+        (dict(min_predicted_gain=float("inf")), "min_predicted_gain"),
+        (
+            dict(score="sensitivity", min_predicted_gain=1.02),
+            "min_predicted_gain=1.02 with score='sensitivity'.*'consistent_spectrum'",
+        ),
         (dict(signal_steps=0), "signal_steps"),
         (dict(param_budget=0), "param_budget"),
         (dict(param_budget=-10), "param_budget"),

@@ -18,7 +18,8 @@ the same rank distribution in other places), all at the same budget through
 every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more conservative default);
 ``...+reset`` restarts the optimizer state of every resized module (``optimizer_state="reset"``) instead of
 migrating a grown module's moments; ``...+rankscale`` gives every resized module the scaling of its new rank
-(``resize_scaling="rank"``) instead of keeping the one it trained with. ``fixed-<alloc>-<growth>``
+(``resize_scaling="rank"``) instead of keeping the one it trained with; ``...+gate<g>`` keeps the uniform ranks
+where the score's predicted gain is below ``g`` (``min_predicted_gain``). ``fixed-<alloc>-<growth>``
 is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run (or its ``+reset``
 run) of the same seed ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 ``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
@@ -94,6 +95,7 @@ class Method:
     eva_rho: float | None = None  # eva only: EvaConfig.rho
     optimizer_state: str = "migrate"  # AdaptiveLoraConfig.optimizer_state (``...+reset``: "reset")
     resize_scaling: str = "keep"  # AdaptiveLoraConfig.resize_scaling (``...+rankscale``: "rank")
+    min_predicted_gain: float = 0.0  # AdaptiveLoraConfig.min_predicted_gain (``...+gate<g>``, e.g. +gate1.02)
 
 
 # kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
@@ -111,8 +113,8 @@ def parse_method(name: str) -> Method:
 
 SUFFIX_GRAMMAR = (
     "the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r (max_r = K * r, K >= 1, e.g. +max2r) for "
-    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset') and +rankscale (resize_scaling='rank') "
-    "for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
+    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset'), +rankscale (resize_scaling='rank') "
+    "and +gate<g> (min_predicted_gain=g, e.g. +gate1.02) for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
 )
 
 
@@ -152,6 +154,8 @@ def _with_suffix(name: str, method: Method, suffix: str) -> Method:
         return replace(method, optimizer_state="reset")
     if suffix == "rankscale" and method.kind in SIGNAL_STEP_KINDS:
         return replace(method, resize_scaling="rank")
+    if method.kind in SIGNAL_STEP_KINDS and (gain := re.fullmatch(r"gate(\d+(?:\.\d+)?)", suffix)):
+        return replace(method, min_predicted_gain=float(gain[1]))
     raise SystemExit(f"unknown method {name!r}: {SUFFIX_GRAMMAR}")
 
 
@@ -331,6 +335,7 @@ def build(method: Method, task: Task, model, seed: int = 0):
             score_exponent=method.exponent,
             optimizer_state=method.optimizer_state,
             resize_scaling=method.resize_scaling,
+            min_predicted_gain=method.min_predicted_gain,
         )
     peft_model = get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
     if method.kind in ("grow", "prune"):

@@ -136,6 +136,15 @@ class AdaptiveLoraConfig(LoraConfig):
             "over the signal steps to this power (>= 0; 0 is 'gradient_spectrum')."
         },
     )
+    min_predicted_gain: float = field(
+        default=0.0,
+        metadata={
+            "help": "Spectrum scores only ('consistent_spectrum', 'gradient_spectrum', 'spectral'): reallocate only "
+            "when the new ranks are worth at least this many times the current ones by the score's own spectra "
+            "(AllocationReport.predicted_gain); below it the ranks stay as they are (plain LoRA), which spares the "
+            "resize where the score sees nothing worth moving. 0 (default): always reallocate."
+        },
+    )
     grad_weight: float = field(
         default=1.0, metadata={"help": "score='norms' only: weight of the gradient-norm signal (>= 0)."}
     )
@@ -205,7 +214,7 @@ class AdaptiveLoraConfig(LoraConfig):
             self.signal_steps,
             "an integer >= 1",
         )
-        for name in ("grad_weight", "delta_weight", "score_exponent", "consistency_power"):
+        for name in ("grad_weight", "delta_weight", "score_exponent", "consistency_power", "min_predicted_gain"):
             value = getattr(self, name)
             _require(_is_number(value) and value >= 0, name, value, "a finite number >= 0")
         _require_one_of("score", self.score, SCORES)
@@ -227,6 +236,12 @@ class AdaptiveLoraConfig(LoraConfig):
             raise ValueError(
                 f"AdaptiveLoraConfig got consistency_power={self.consistency_power!r} with score={self.score!r}: it "
                 "only applies to score='consistent_spectrum'; pass score='consistent_spectrum' to use it"
+            )
+        if self.min_predicted_gain != 0.0 and not SCORES[self.score].values_ranks:
+            valued = ", ".join(repr(name) for name, score in SCORES.items() if score.values_ranks)
+            raise ValueError(
+                f"AdaptiveLoraConfig got min_predicted_gain={self.min_predicted_gain!r} with score={self.score!r}: "
+                f"only the spectrum scores ({valued}) predict a gain; pass one of them or leave it at 0"
             )
         if self.score == "norms" and self.grad_weight == 0 and self.delta_weight == 0:
             raise ValueError(

@@ -56,6 +56,8 @@ class AllocationReport:
     #: spectrum scores: the new ranks' value over the old ones' by the score's own spectra (about 1: the score saw
     #: nothing to gain from moving rank; allocation.predicted_gain); None for other scores and explicit ranks
     predicted_gain: float | None = None
+    #: True when the predicted gain was below ``min_predicted_gain`` and the ranks stayed as they were
+    kept_ranks: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,8 +74,10 @@ class AllocationReport:
             lines.append(f"{n:<{width}}  {r0:>3} -> {r1:<3}  {s:>8.4f}  {g:>10.3e}  {d_text}")
         lines.append(f"adapter parameters: {self.used} used of a budget of {self.budget}")
         if self.predicted_gain is not None:
+            kept = " < min_predicted_gain: the ranks stay as they were" if self.kept_ranks else ""
             lines.append(
                 f"predicted gain (the new ranks' value over the old ones', by the score): {self.predicted_gain:.4f}"
+                + kept
             )
         return "\n".join(lines)
 
@@ -453,6 +457,10 @@ class AdaptiveLoraModel(LoraModel):
         gain = None
         if scored is not None and scored.values is not None:
             gain = predicted_gain(scored.values, ranks_before, [ranks[n] for n in signals.names])
+        # below the threshold the resize is not worth its cost; nan (the old ranks valued at nothing) keeps them too
+        kept = gain is not None and config.min_predicted_gain > 0 and not gain >= config.min_predicted_gain
+        if kept:
+            ranks = dict(zip(signals.names, ranks_before))
         directions = self._growth_directions(collector, modules, adapter_name, ranks, initialise)
         self._close_collector(adapter_name)
         if config.param_budget is None:
@@ -480,6 +488,7 @@ class AdaptiveLoraModel(LoraModel):
             growth=config.growth,
             removed=removed,
             predicted_gain=gain,
+            kept_ranks=kept,
         )
         config.reallocation_step = step
         config.allocation = report.to_dict()

@@ -52,6 +52,9 @@ class Score:
     name: ClassVar[str]
     #: True when the score needs only gradients, not optimizer steps, so a calibration phase can use it
     gradient_only: ClassVar[bool] = False
+    #: True when :meth:`allocate` returns per-rank ``values`` (the spectrum scores), so a reallocation can say how
+    #: much it gains (``AllocationReport.predicted_gain``) and ``min_predicted_gain`` can apply
+    values_ranks: ClassVar[bool] = False
 
     def needs(self, config: AdaptiveLoraConfig, layers: dict[str, LoraLayer], adapter: str) -> Needs:
         """The signals to collect for ``config`` on ``layers`` (the gradient norms are always collected)."""

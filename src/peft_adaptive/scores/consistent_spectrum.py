@@ -33,6 +33,7 @@ class ConsistentSpectrumScore(Score):
     pre-registered benchmark rules (benchmarks/RESULTS.md)."""
 
     name = "consistent_spectrum"
+    values_ranks = True
     gradient_only = True
 
     def needs(self, config, layers, adapter) -> Needs:

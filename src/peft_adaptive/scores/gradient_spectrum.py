@@ -16,6 +16,7 @@ from .spectral import allocate_spectra
 
 class GradientSpectrumScore(Score):
     name = "gradient_spectrum"
+    values_ranks = True
     gradient_only = True
 
     def needs(self, config, layers, adapter) -> Needs:

@@ -16,6 +16,7 @@ from .base import Needs, Score, ScoredAllocation
 
 class SpectralScore(Score):
     name = "spectral"
+    values_ranks = True
 
     def needs(self, config, layers, adapter) -> Needs:
         # an adapter that starts at B = 0 needs no snapshot: its update is s B A itself
