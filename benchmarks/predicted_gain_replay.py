@@ -36,6 +36,9 @@ def replay(suite_name: str, method_name: str, seed: int) -> dict:
     task = make_task(SUITES[suite_name])
     set_seed(seed)
     base = task.base_model()
+    # as the run did: its base evaluations may build data lazily, and what they draw must be drawn here too
+    task.evaluate(base)
+    task.validate(base)
     set_seed(seed)
     model = build(method, task, base, seed)
     before = initialise(method, task, model, seed, calib_batches=16)
