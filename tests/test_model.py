@@ -164,11 +164,11 @@ def test_ranks_changed_and_differ(run):
         assert layer.lora_B["default"].weight.shape[1] == ranks[n]
 
 
-def _warm_and_reallocate(**config):
-    """Signal steps on the tiny llama, then the reallocation: (tuner, optimizer, report, the optimizer's state ids)."""
+def _warm_and_reallocate(name: str = "llama", **config):
+    """Signal steps on a tiny model, then the reallocation: (tuner, optimizer, report, the optimizer's state ids)."""
     torch.manual_seed(0)
-    model = adaptive_model("llama", signal_steps=WARMUP, max_r=12, **config)
-    tuner, batch = model.base_model, make_batch("llama")
+    model = adaptive_model(name, signal_steps=WARMUP, max_r=12, **config)
+    tuner, batch = model.base_model, make_batch(name)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     tuner.start_signal_collection()
     for _ in range(WARMUP):
@@ -199,17 +199,7 @@ def test_min_predicted_gain_keeps_the_ranks_below_it_and_changes_nothing_above_i
 def test_higher_score_never_gets_fewer_ranks_at_equal_cost(name):
     """Proportional scores (here sensitivity): ranks follow the score among modules of the same cost. (The spectrum
     scores, the default among them, allocate per singular direction, so a module's total is not what orders them.)"""
-    torch.manual_seed(0)
-    model = adaptive_model(name, signal_steps=WARMUP, max_r=12, score="sensitivity")
-    tuner, batch = model.base_model, make_batch(name)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tuner.start_signal_collection()
-    for _ in range(WARMUP):
-        model(**batch).loss.backward()
-        tuner.record_gradients()
-        optimizer.step()
-        optimizer.zero_grad()
-    report = tuner.reallocate(optimizer, step=WARMUP)
+    tuner, _, report, _ = _warm_and_reallocate(name, score="sensitivity")
     assert len(set(report.ranks_after)) > 1  # the property below is not vacuous
     assert report.predicted_gain is None  # a proportional score has no spectra to value ranks by
     costs = [cost_per_rank(tuner.adapted_modules()[n], "default") for n in report.names]
