@@ -178,8 +178,8 @@ def test_configuration_errors():
 
 @runs(HOW, "Allocation")
 def test_how_allocation():
-    (block,) = python_blocks(HOW, "Allocation")
-    run_printing(block, {})
+    for block in python_blocks(HOW, "Allocation"):  # the apportionment, then the predicted gain
+        run_printing(block, {})
 
 
 @runs(HOW, "Your own score")
