@@ -56,6 +56,9 @@ def test_family_roles_and_suites():
         chosen = [m for m in members if m.role == role]
         assert len(chosen) == family.FAMILY_SIZE // 2
         assert {m.teacher for m in chosen} == {"minilm", "smollm2"}
+    # the report members added after the first twelve are read apart, as the held-out set
+    assert [m.index for m in members if m.group == "held-out"] == [14, 15, 18, 19]
+    assert {m.group for m in members[:12]} == {"choose", "report"}
     suite = SUITES["family-03"]
     assert suite.settings["member"] == 3 and suite.r == members[3].r and suite.lora_alpha == 2 * members[3].r
     assert suite.max_r == family.MAX_R_FACTOR * suite.r and suite.min_r == 1

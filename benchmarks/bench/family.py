@@ -47,6 +47,7 @@ TEACHERS: dict[str, dict] = {
     },
 }
 FAMILY_SIZE = 20  # members 0-11 pre-registered in RESULTS.md, 12-19 added 2026-12-05 (held-out report members 14, 15, 18, 19); more can be added, never renumbered
+FIRST_HELD_OUT = 12  # report members from this index on were added unseen (held out): 14, 15, 18, 19
 MAX_R_FACTOR = 4  # the family's rank cap, max_r = 4 r: every planted rank fits under it
 #: how many modules carry a change; "all" is need spread over every module, at ranks up to r
 CHANGED_COUNTS = (1, 2, 3, 4, 6, 8, 12, "all")
@@ -72,6 +73,12 @@ class Member:
         """``"choose"`` (indices 0, 1, 4, 5, ...: used to pick scores and caps) or ``"report"`` (2, 3, 6, 7, ...);
         both roles hold both teachers."""
         return "choose" if self.index % 4 < 2 else "report"
+
+    @property
+    def group(self) -> str:
+        """The role, with the report members added after the first twelve apart as ``"held-out"``: no rule was
+        read off them before their runs (RESULTS.md, the gate's registration)."""
+        return "held-out" if self.role == "report" and self.index >= FIRST_HELD_OUT else self.role
 
     @property
     def oracle_ranks(self) -> dict[str, int]:

@@ -3,8 +3,9 @@
 Members are the suites ``family-00`` .. (:mod:`bench.family`), one seed (0) each: the members are the replicates.
 A member *has something to find* when ``oracle - lora > SOMETHING_TO_FIND``; a method's *share* there is
 ``(method - lora) / (oracle - lora)``; a method is *worse* on a member when ``method - lora < WORSE`` (2.5x the seed
-spread of uniform LoRA on ``planted``). Per role (``member(i).role``: choose / report), each method's mean share with
-its 95% t interval over the members with something to find, and its count of worse members.
+spread of uniform LoRA on ``planted``). Per group (``member(i).group``: choose / report / held-out, the report members
+added unseen from member 12 on), each method's mean share with its 95% t interval over the members with something to
+find, and its count of worse members.
 
 Where members also have seeds beyond 0 (pre-registered 2026-12-05: seeds 1-2 of ``lora``, ``oracle`` and the
 default on the report members), a second table reads each member on its own, paired by seed: method − lora and
@@ -73,7 +74,7 @@ def member_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
         rows.append(
             [
                 name,
-                member.role,
+                member.group,
                 member.teacher,
                 str(member.r),
                 str(len(member.changes)),
@@ -85,10 +86,10 @@ def member_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
     return rows
 
 
-def role_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
+def group_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
     rows = []
-    for role in ("choose", "report"):
-        members = {n: r for n, r in tree.items() if family.member(member_index(n)).role == role}
+    for role in ("choose", "report", "held-out"):
+        members = {n: r for n, r in tree.items() if family.member(member_index(n)).group == role}
         for method in methods:
             outcomes = [share(results, method) for results in members.values() if value(results, method) is not None]
             if not outcomes:
@@ -121,7 +122,7 @@ def seeded_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
             rows.append(
                 [
                     name,
-                    family.member(member_index(name)).role,
+                    family.member(member_index(name)).group,
                     method,
                     diff_cell(summarise(gains), True),
                     diff_cell(summarise(gaps), True),
@@ -136,7 +137,7 @@ def family_section(tree: dict[str, Results]) -> list[str]:
     if not tree:
         return []
     methods = family_methods(tree)
-    member_header = ["member", "role", "teacher", "r", "changed modules", "oracle − lora", "something to find"]
+    member_header = ["member", "group", "teacher", "r", "changed modules", "oracle − lora", "something to find"]
     return [
         "## The planted family",
         "",
@@ -147,10 +148,10 @@ def family_section(tree: dict[str, Results]) -> list[str]:
         "",
         *markdown_table(member_header + methods, member_rows(tree, methods)),
         "",
-        "Per role: mean share ± half-width of the 95% t interval over the members with something to find (n), and "
+        "Per group (choose; report; held-out: the report members added unseen from member 12 on): mean share ± half-width of the 95% t interval over the members with something to find (n), and "
         "the members where the method is worse than uniform LoRA (of those it ran on).",
         "",
-        *markdown_table(["role", "method", "mean share", "n", "worse"], role_rows(tree, methods)),
+        *markdown_table(["group", "method", "mean share", "n", "worse"], group_rows(tree, methods)),
         "",
         *seeded_section(tree, methods),
     ]
@@ -165,6 +166,6 @@ def seeded_section(tree: dict[str, Results], methods: list[str]) -> list[str]:
         "the differences with their 95% t intervals, **worse**/**better** only outside them; the share is "
         "mean(method − lora) / mean(oracle − lora) with Fieller's 95% interval.",
         "",
-        *markdown_table(["member", "role", "method", "method − lora", "oracle − lora", "share"], rows),
+        *markdown_table(["member", "group", "method", "method − lora", "oracle − lora", "share"], rows),
         "",
     ]
