@@ -62,7 +62,7 @@ from bench.suites import SUITES  # noqa: E402
             Method(
                 SHIPPED_DEFAULT + "+lr2x",
                 "warm",
-                "consistent_spectrum2",
+                "consistent_spectrum4",
                 "random",
                 max_r_factor=2,
                 lr_factor=2.0,
@@ -94,7 +94,7 @@ def test_learning_rates_and_grid_names():
     assert methods.method_lr(parse_method("full+lr2x"), suite) == 1e-4
     assert methods.base_name(SHIPPED_DEFAULT + "+lr0.5x") == SHIPPED_DEFAULT
     assert methods.with_lr_factor("eva", 0.5) == "eva+lr0.5x" and methods.with_lr_factor("eva", 1.0) == "eva"
-    assert SHIPPED_DEFAULT == "warm-consistent_spectrum2-random+max2r+reset"
+    assert SHIPPED_DEFAULT == "warm-consistent_spectrum4-random+max2r+reset"
 
 
 def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
@@ -381,10 +381,11 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     peers = section(text, "Peers side by side: each method against uniform LoRA")
     assert peers[4].startswith(
         "| suite (metric, ↑ higher / ↓ lower is better) | uniform LoRA | our default | previous default "
-        "(score='gradient_spectrum') | older default (also optimizer_state='migrate') | AdaLoRA |"
+        "(consistency_power=2) | earlier default (score='gradient_spectrum') | older default (also "
+        "optimizer_state='migrate') | AdaLoRA |"
     )
     assert peers[6] == (
-        "| planted (`gap_closed` ↑) | 0.1100 (3) | +0.0500 ± 0.0248 **better** (3) | – | – | -0.0100 ± 0.0248 inside (3) | "
+        "| planted (`gap_closed` ↑) | 0.1100 (3) | +0.0500 ± 0.0248 **better** (3) | – | – | – | -0.0100 ± 0.0248 inside (3) | "
         "+0.0100 ± 0.0050 **better** (3) | – | +0.1033 ± 0.0379 **better** (3) | +0.0900 ± 0.0248 **better** (3) |"
     )
     assert (peers_tree / "summary.md").read_text().splitlines()[4] == peers[6]  # the same table, for the README
@@ -417,13 +418,13 @@ def test_report_without_new_methods_renders_dashes(results_tree):
     peers = section(text, "Peers side by side: each method against uniform LoRA")
     assert (
         peers[6]
-        == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
+        == "| planted (`gap_closed` ↑) | 0.1100 (3) | – | – | – | – | – | – | – | +0.1033 ± 0.0379 **better** (3) | – |"
     )
     assert "No learning-rate variants run yet." in text and "## The planted family" not in text
 
 
 def test_every_score_the_harness_names_is_a_package_config():
-    """The harness's score names are the package's scores, and ``consistent_spectrum2`` its ``consistent_spectrum``
+    """The harness's score names are the package's scores, and ``consistent_spectrum4`` its ``consistent_spectrum``
     at the default power (a name the package did not know would fail only when its first run starts)."""
     from bench.methods import SCORE_NAMES, score_kwargs
     from peft_adaptive import AdaptiveLoraConfig
@@ -434,7 +435,7 @@ def test_every_score_the_harness_names_is_a_package_config():
     assert score_kwargs("consistent_spectrum")["consistency_power"] == 1.0
     # the shipped default's run is the package's default configuration
     default = AdaptiveLoraConfig()
-    assert score_kwargs("consistent_spectrum2") == {
+    assert score_kwargs("consistent_spectrum4") == {
         "score": default.score,
         "consistency_power": default.consistency_power,
     }

@@ -5,7 +5,7 @@ rank r for ``warmup`` steps while collecting signals, then reallocate in place w
 ``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
 ``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
 ``sketch_energy``, ``spectral``, ``gradient_spectrum``; ``consistent_spectrum`` at ``consistency_power=1`` and
-``consistent_spectrum2`` at the package default 2, ``consistent_spectrum4`` at 4), ``uniform`` (no reallocation, calibration only), or a
+``consistent_spectrum2`` at 2, ``consistent_spectrum4`` at the package default 4), ``uniform`` (no reallocation, calibration only), or a
 benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
 (the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
 the same rank distribution in other places), all at the same budget through
@@ -59,8 +59,8 @@ SCORE_NAMES = (
     "spectral",
     "gradient_spectrum",
     "consistent_spectrum",  # run at consistency_power=1 (the first candidate's runs)
-    "consistent_spectrum2",  # consistent_spectrum at consistency_power=2 (the package default since 2026-12-05)
-    "consistent_spectrum4",  # at consistency_power=4 (a candidate, RESULTS.md 2026-12-05 evening)
+    "consistent_spectrum2",  # consistent_spectrum at consistency_power=2 (the package default for the day of 2026-12-05)
+    "consistent_spectrum4",  # at consistency_power=4 (the package default since the evening of 2026-12-05)
 )
 #: harness score names that are the package's ``consistent_spectrum`` at a given ``consistency_power``
 CONSISTENCY_POWERS = {"consistent_spectrum": 1.0, "consistent_spectrum2": 2.0, "consistent_spectrum4": 4.0}
@@ -71,10 +71,12 @@ DEFAULT_RUN = "warm-gradient_spectrum-random"
 #: the default until 2026-12-05 (``optimizer_state="migrate"``): most suites' default runs are of this configuration
 MIGRATE_DEFAULT = DEFAULT_RUN + "+max2r"
 #: the default after it, until ``consistent_spectrum`` replaced its score the same day (``score="gradient_spectrum"``)
-PREVIOUS_DEFAULT = MIGRATE_DEFAULT + "+reset"
-#: the run name of the shipped default (``score="consistent_spectrum"`` at ``consistency_power=2``, random growth,
+EARLIER_DEFAULT = MIGRATE_DEFAULT + "+reset"
+#: the default after that, until ``consistency_power=4`` replaced its power 2 the same evening
+PREVIOUS_DEFAULT = "warm-consistent_spectrum2-random+max2r+reset"
+#: the run name of the shipped default (``score="consistent_spectrum"`` at ``consistency_power=4``, random growth,
 #: ``max_r = 2r``, ``optimizer_state="reset"``): the method every other is compared with, besides uniform LoRA
-SHIPPED_DEFAULT = "warm-consistent_spectrum2-random+max2r+reset"
+SHIPPED_DEFAULT = "warm-consistent_spectrum4-random+max2r+reset"
 #: PEFT's methods and full fine-tuning, by name (see the module docstring)
 PEER_KINDS = ("adalora", "eva", "full")
 #: full fine-tuning's learning rate (the one glue.py used); ``+lr<k>x`` multiplies it
@@ -346,8 +348,9 @@ def build(method: Method, task: Task, model, seed: int = 0):
 
 
 def score_kwargs(name: str) -> dict[str, Any]:
-    """The ``AdaptiveLoraConfig`` fields a harness score name stands for (``consistent_spectrum2``: the package's
-    ``consistent_spectrum`` at ``consistency_power=2``; plain ``consistent_spectrum`` runs keep the power 1 they ran at)."""
+    """The ``AdaptiveLoraConfig`` fields a harness score name stands for (``consistent_spectrum4``: the package's
+    ``consistent_spectrum`` at ``consistency_power=4``; ``consistent_spectrum2`` at 2; plain ``consistent_spectrum`` runs
+    keep the power 1 they ran at)."""
     if name in CONSISTENCY_POWERS:
         return {"score": "consistent_spectrum", "consistency_power": CONSISTENCY_POWERS[name]}
     return {"score": name}

@@ -3,7 +3,7 @@ compact cell of a paired difference, and Markdown tables."""
 
 from __future__ import annotations
 
-from .methods import MIGRATE_DEFAULT, PREVIOUS_DEFAULT, SHIPPED_DEFAULT
+from .methods import EARLIER_DEFAULT, MIGRATE_DEFAULT, PREVIOUS_DEFAULT, SHIPPED_DEFAULT
 from .stats import Diff, is_better
 
 Results = dict[str, dict[int, dict]]  # {method: {seed: run record}}
@@ -13,7 +13,8 @@ Results = dict[str, dict[int, dict]]  # {method: {seed: run record}}
 PEER_COLUMNS = {
     "lora": "uniform LoRA",
     SHIPPED_DEFAULT: "our default",
-    PREVIOUS_DEFAULT: "previous default (score='gradient_spectrum')",
+    PREVIOUS_DEFAULT: "previous default (consistency_power=2)",
+    EARLIER_DEFAULT: "earlier default (score='gradient_spectrum')",
     MIGRATE_DEFAULT: "older default (also optimizer_state='migrate')",
     "adalora": "AdaLoRA",
     "eva": "EVA ρ=2",
@@ -26,7 +27,16 @@ PEER_COLUMNS = {
 
 def method_order(name: str) -> tuple:
     """Sort key: uniform LoRA and its calibration first, then the defaults and the oracle, then the rest by name."""
-    order = ["lora", "lora-4x", "adaptive", "oracle", SHIPPED_DEFAULT, PREVIOUS_DEFAULT, MIGRATE_DEFAULT]
+    order = [
+        "lora",
+        "lora-4x",
+        "adaptive",
+        "oracle",
+        SHIPPED_DEFAULT,
+        PREVIOUS_DEFAULT,
+        EARLIER_DEFAULT,
+        MIGRATE_DEFAULT,
+    ]
     return (order.index(name) if name in order else len(order), name)
 
 

@@ -9,7 +9,7 @@ squared norms ``Q = sum_t |G_t|^2`` kept beside the sum, the module's *consisten
 
 is 1 when every step points the same way and about ``1/T`` for pure noise; in expectation it is the share of one
 step's gradient energy that is the expected gradient, plus ``1/T`` times the rest. Each module's ``sigma_ij^2`` is
-multiplied by ``c ** consistency_power`` (default 2) and the budget split by one global threshold per parameter, as
+multiplied by ``c ** consistency_power`` (default 4) and the budget split by one global threshold per parameter, as
 in ``gradient_spectrum``.
 (The unbiased signal share ``(T c - 1) / (T - 1)``, the gradient-noise-scale identity of McCandlish et al. 2018,
 is the sharper estimate but swings around zero when every module is noise-dominated; ``c`` keeps the ``1/T``
@@ -27,10 +27,11 @@ from .spectral import allocate_spectra
 
 
 class ConsistentSpectrumScore(Score):
-    """``sigma^2 * c ** config.consistency_power``. The default power 2 orders modules as ``|S| * c``; power 1 as
-    ``|S| * sqrt(c)``, the loss decrease a sign-like optimizer such as Adam makes along a module's mean gradient
-    (its step along a direction scales with the gradient's mean over its RMS). Power 2 was chosen over 1 by the
-    pre-registered benchmark rules (benchmarks/RESULTS.md)."""
+    """``sigma^2 * c ** config.consistency_power``. The default power 4 orders modules as ``|S| * c^1.5``; power 1
+    as ``|S| * sqrt(c)``, the loss decrease a sign-like optimizer such as Adam makes along a module's mean gradient
+    (its step along a direction scales with the gradient's mean over its RMS). Power 2 was chosen over 1, and then
+    4 over 2, by pre-registered benchmark rules (benchmarks/RESULTS.md): the higher power separates the modules whose
+    gradients agree step after step from those whose large gradients are mostly noise more sharply."""
 
     name = "consistent_spectrum"
     values_ranks = True
