@@ -241,3 +241,18 @@ def test_in_process_reload_with_the_plugin(saved):
             assert torch.equal(model(torch.load(saved["root"] / "ids.pt")).logits, saved["logits"])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_adapter_saved_with_the_previous_default_power_still_loads(tmp_path):
+    """Until 2026-12-05 the default consistency_power was 2.0 and every save wrote it, with any score: such an
+    adapter (here score='gradient_spectrum') must load although 2.0 is no longer the default."""
+    config = AdaptiveLoraConfig(r=4, target_modules=["q_proj"], score="gradient_spectrum")
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    sidecar = tmp_path / ADAPTIVE_CONFIG_NAME
+    saved = json.loads(sidecar.read_text())
+    assert saved["consistency_power"] == 4.0  # what this release writes
+    sidecar.write_text(json.dumps({**saved, "consistency_power": 2.0}))  # what the previous one wrote
+    loaded = AdaptiveLoraConfig.from_pretrained(str(tmp_path))
+    assert (loaded.score, loaded.consistency_power) == ("gradient_spectrum", 2.0)
+    with pytest.raises(ValueError, match="consistency_power=3.0 with score='gradient_spectrum'"):
+        AdaptiveLoraConfig(target_modules=["q_proj"], score="gradient_spectrum", consistency_power=3.0)

@@ -45,6 +45,8 @@ ADAPTIVE_CONFIG_NAME = "adaptive_lora.json"
 
 #: ``AdaptiveLoraConfig.consistency_power``'s default (any other value needs ``score="consistent_spectrum"``)
 DEFAULT_CONSISTENCY_POWER = 4.0
+#: the defaults earlier releases saved with every adapter (2.0 until 2026-12-05): they load with any score
+_SAVED_DEFAULT_CONSISTENCY_POWERS = (DEFAULT_CONSISTENCY_POWER, 2.0)
 
 
 @dataclass
@@ -238,7 +240,7 @@ class AdaptiveLoraConfig(LoraConfig):
                 f"AdaptiveLoraConfig got grad_weight={self.grad_weight!r}, delta_weight={self.delta_weight!r} with "
                 f"score={self.score!r}: the two weights only apply to score='norms'; pass score='norms' to use them"
             )
-        if self.score != "consistent_spectrum" and self.consistency_power != DEFAULT_CONSISTENCY_POWER:
+        if self.score != "consistent_spectrum" and self.consistency_power not in _SAVED_DEFAULT_CONSISTENCY_POWERS:
             raise ValueError(
                 f"AdaptiveLoraConfig got consistency_power={self.consistency_power!r} with score={self.score!r}: it "
                 "only applies to score='consistent_spectrum'; pass score='consistent_spectrum' to use it"
