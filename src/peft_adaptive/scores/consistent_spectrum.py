@@ -27,8 +27,8 @@ from .spectral import allocate_spectra
 
 
 class ConsistentSpectrumScore(Score):
-    """``sigma^2 * c ** config.consistency_power``. The default power 4 orders modules as ``|S| * c^1.5``; power 1
-    as ``|S| * sqrt(c)``, the loss decrease a sign-like optimizer such as Adam makes along a module's mean gradient
+    """``sigma^2 * c ** config.consistency_power``. The default power 4 orders modules as ``|S| * c^2`` (power 2 as
+    ``|S| * c``); power 1 as ``|S| * sqrt(c)``, the loss decrease a sign-like optimizer such as Adam makes along a module's mean gradient
     (its step along a direction scales with the gradient's mean over its RMS). Power 2 was chosen over 1, and then
     4 over 2, by pre-registered benchmark rules (benchmarks/RESULTS.md): the higher power separates the modules whose
     gradients agree step after step from those whose large gradients are mostly noise more sharply."""
