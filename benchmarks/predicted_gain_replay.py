@@ -21,32 +21,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.methods import SHIPPED_DEFAULT, build, parse_method, signal_steps  # noqa: E402
+from bench.methods import SHIPPED_DEFAULT, parse_method, signal_steps  # noqa: E402
 from bench.records import result_path  # noqa: E402
-from bench.runner import initialise, optimizer_and_schedule, train  # noqa: E402
+from bench.runner import initialise, optimizer_and_schedule, seeded_model, train  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 from bench.tasks import make_task  # noqa: E402
 
 
 def replay(suite_name: str, method_name: str, seed: int) -> dict:
     """The run's first ``signal_steps`` optimizer steps and its reallocation; returns its predicted gain."""
-    from transformers import set_seed
-
     method = parse_method(method_name)
     task = make_task(SUITES[suite_name])
-    set_seed(seed)
-    base = task.base_model()
-    # as the run did: its base evaluations may build data lazily, and what they draw must be drawn here too
-    task.evaluate(base)
-    task.validate(base)
-    set_seed(seed)
-    model = build(method, task, base, seed)
+    model, _, _ = seeded_model(method, task, seed)  # as the run starts, so the same random numbers are drawn
     before = initialise(method, task, model, seed, calib_batches=16)
     optimizer, schedule = optimizer_and_schedule([p for p in model.parameters() if p.requires_grad], method, task.suite)
-    batches = task.batches
-    # the run's batches, cut after the reallocation's step (the schedule still spans the whole run, as in the run)
-    task.batches = lambda s, n, *rest: batches(s, min(n, signal_steps(method, task.suite)), *rest)
-    report = train(model, method, task, seed, optimizer, schedule, 0.0, before.get("report")).report
+    last = signal_steps(method, task.suite)  # the reallocation's step
+    report = train(model, method, task, seed, optimizer, schedule, 0.0, before.get("report"), last_step=last).report
     record = result_path(suite_name, method_name, seed)
     recorded = json.loads(record.read_text())["ranks"] if record.is_file() else None
     replayed = dict(zip(report.names, report.ranks_after))

@@ -46,17 +46,10 @@ class Training:
 def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, task: Task | None = None) -> dict:
     """Train ``method_name`` on ``suite_name`` (or on ``task``, e.g. a test's) with ``seed`` in this process;
     returns the run's JSON record."""
-    from transformers import set_seed
-
     method = parse_method(method_name)
     task = task or make_task(SUITES[suite_name])
     suite = task.suite
-    set_seed(seed)
-    base = task.base_model()
-    base_metrics = task.evaluate(base)
-    base_val = task.validate(base)  # before the seed is set again: nothing here draws from it
-    set_seed(seed)
-    model = build(method, task, base, seed)
+    model, base_metrics, base_val = seeded_model(method, task, seed)
     with common.ResourceMonitor(interval=0.5) as monitor:
         started = time.perf_counter()
         before_training = initialise(method, task, model, seed, calib_batches)
@@ -90,6 +83,20 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, ta
     return record
 
 
+def seeded_model(method: Method, task: Task, seed: int) -> tuple[Any, Any, Any]:
+    """The run's model before its first step, with the base model's held-out and validation metrics: the seed is
+    set, the base evaluated (its data may be built lazily and draw from the seed), the seed set again, the method
+    built. Every run, and a replay of one (``predicted_gain_replay.py``), starts here, so they draw alike."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    base = task.base_model()
+    base_metrics = task.evaluate(base)
+    base_val = task.validate(base)  # before the seed is set again: nothing here draws from it
+    set_seed(seed)
+    return build(method, task, base, seed), base_metrics, base_val
+
+
 def optimizer_and_schedule(params: list, method: Method, suite: Suite) -> tuple[Any, Any]:
     """Every run's optimizer: AdamW without weight decay at the method's learning rate, linear warmup over 6% of the
     suite's steps, then linear decay to 0."""
@@ -118,9 +125,20 @@ def initialise(method: Method, task: Task, model, seed: int, calib_batches: int)
     return {"report": report}
 
 
-def train(model, method: Method, task: Task, seed: int, optimizer, schedule, started: float, report) -> Training:
+def train(
+    model,
+    method: Method,
+    task: Task,
+    seed: int,
+    optimizer,
+    schedule,
+    started: float,
+    report,
+    last_step: int | None = None,
+) -> Training:
     """The hand loop: AdamW with clipping and a linear schedule, the same batches for every method of a seed; the
-    adaptive kinds collect signals and reallocate in place after their signal steps, AdaLoRA allocates every step."""
+    adaptive kinds collect signals and reallocate in place after their signal steps, AdaLoRA allocates every step.
+    ``last_step`` stops early (the schedule still spans the suite's steps, as in a whole run)."""
     import torch
 
     suite, tuner = task.suite, model.base_model
@@ -130,7 +148,7 @@ def train(model, method: Method, task: Task, seed: int, optimizer, schedule, sta
         tuner.start_signal_collection(seed=seed)
     # AdaLoRA's orthogonal regulariser, which PEFT's AdaLoraModel.forward is never asked to add here (peers.py)
     orth_reg = method.kind == "adalora"
-    for step, batch in enumerate(task.batches(seed, suite.steps), start=1):
+    for step, batch in enumerate(task.batches(seed, last_step or suite.steps), start=1):
         tick = time.perf_counter()
         loss = task.loss(model, batch)
         if orth_reg:
