@@ -88,8 +88,8 @@ def member_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
 
 def group_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
     rows = []
-    for role in ("choose", "report", "held-out"):
-        members = {n: r for n, r in tree.items() if family.member(member_index(n)).group == role}
+    for group in ("choose", "report", "held-out"):
+        members = {n: r for n, r in tree.items() if family.member(member_index(n)).group == group}
         for method in methods:
             outcomes = [share(results, method) for results in members.values() if value(results, method) is not None]
             if not outcomes:
@@ -101,7 +101,7 @@ def group_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
             else:
                 mean = f"{statistics.fmean(shares):.2f}" if shares else "–"
             worse = sum(w for _, w in outcomes)
-            rows.append([role, method, mean, str(len(shares)), f"{worse}/{len(outcomes)}"])
+            rows.append([group, method, mean, str(len(shares)), f"{worse}/{len(outcomes)}"])
     return rows
 
 
@@ -133,7 +133,7 @@ def seeded_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
 
 
 def family_section(tree: dict[str, Results]) -> list[str]:
-    """Per member and per role, as pre-registered; ``tree`` holds the family suites with runs."""
+    """Per member and per group, as pre-registered; ``tree`` holds the family suites with runs."""
     if not tree:
         return []
     methods = family_methods(tree)

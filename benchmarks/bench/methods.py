@@ -77,6 +77,8 @@ PREVIOUS_DEFAULT = "warm-consistent_spectrum2-random+max2r+reset"
 #: the run name of the shipped default (``score="consistent_spectrum"`` at ``consistency_power=4``, random growth,
 #: ``max_r = 2r``, ``optimizer_state="reset"``): the method every other is compared with, besides uniform LoRA
 SHIPPED_DEFAULT = "warm-consistent_spectrum4-random+max2r+reset"
+#: every default's run name, newest first (the report shows each, so no committed default run drops out of view)
+DEFAULT_RUNS = (SHIPPED_DEFAULT, PREVIOUS_DEFAULT, EARLIER_DEFAULT, MIGRATE_DEFAULT)
 #: PEFT's methods and full fine-tuning, by name (see the module docstring)
 PEER_KINDS = ("adalora", "eva", "full")
 #: full fine-tuning's learning rate (the one glue.py used); ``+lr<k>x`` multiplies it

@@ -3,7 +3,7 @@ compact cell of a paired difference, and Markdown tables."""
 
 from __future__ import annotations
 
-from .methods import EARLIER_DEFAULT, MIGRATE_DEFAULT, PREVIOUS_DEFAULT, SHIPPED_DEFAULT
+from .methods import DEFAULT_RUNS, EARLIER_DEFAULT, MIGRATE_DEFAULT, PREVIOUS_DEFAULT, SHIPPED_DEFAULT
 from .stats import Diff, is_better
 
 Results = dict[str, dict[int, dict]]  # {method: {seed: run record}}
@@ -27,16 +27,7 @@ PEER_COLUMNS = {
 
 def method_order(name: str) -> tuple:
     """Sort key: uniform LoRA and its calibration first, then the defaults and the oracle, then the rest by name."""
-    order = [
-        "lora",
-        "lora-4x",
-        "adaptive",
-        "oracle",
-        SHIPPED_DEFAULT,
-        PREVIOUS_DEFAULT,
-        EARLIER_DEFAULT,
-        MIGRATE_DEFAULT,
-    ]
+    order = ["lora", "lora-4x", "adaptive", "oracle", *DEFAULT_RUNS]
     return (order.index(name) if name in order else len(order), name)
 
 
