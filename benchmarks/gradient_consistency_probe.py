@@ -15,15 +15,23 @@ the modules by statistics of ``S = sum_t G_t`` and ``Q = sum_t ||G_t||_F^2``:
   (the noise in ``||S||_F^2`` removed; the gradient-noise-scale identity of McCandlish et al., 2018).
 
 For each it prints the AUC of planted against unplanted modules (1: every planted module above every other) and the
-planted modules' positions. A lead, not a result: it reads no held-out metric and chooses nothing.
+planted modules' positions. With ``--allocate`` it instead splits the member's budget as ``consistent_spectrum``
+does (``allocate_by_spectrum`` on ``(sigma_j(S) * c ** (power / 2)) ** 2``, ``min_r`` 1, ``max_r = 2r``) for several
+powers, optionally with each module's values divided by the median top value of its module type (``q_proj`` over
+the layers, ...), and prints how much of the oracle's ranks it covers (``sum min(rank, oracle rank) * cost`` over
+the planted modules, over the same with the oracle's ranks capped at ``2r``) and the share of the rank moved above
+``r`` that lands on planted modules. A lead, not a result: it reads no held-out metric and chooses nothing.
 
     python benchmarks/gradient_consistency_probe.py 0 1 4 5 8 9   # the family's choose members
+    python benchmarks/gradient_consistency_probe.py 0 1 4 5 8 9 --allocate
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
+SPECTRUM_LENGTH = 32  # singular values of S kept per module for --allocate (the family's caps are at most 16)
 STATISTICS = ("fro", "top", "rel", "consistency", "fro_x_consistency", "fro_x_sqrt_consistency", "signal")
 
 
@@ -66,10 +74,12 @@ def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, di
     for name, layer in layers.items():
         total = sums[name]
         fro = float(total.norm())
+        spectrum = torch.linalg.svdvals(total.detach())
         consistency = fro**2 / (steps * squares[name])
         stats[name] = {
             "fro": fro,
-            "top": float(torch.linalg.svdvals(total)[0]),
+            "top": float(spectrum[0]),
+            "spectrum": spectrum[:SPECTRUM_LENGTH].tolist(),
             "rel": fro / float(layer.base_layer.weight.norm()),
             "consistency": consistency,
             "fro_x_consistency": fro * consistency,
@@ -92,13 +102,54 @@ def auc(order: list[str], planted: set[str]) -> float:
     return above / pairs if pairs else float("nan")
 
 
+ALLOCATE_POWERS = (0, 2, 4, 8, 16)
+
+
+def module_type(name: str) -> str:
+    return ".".join(name.split(".")[-2:])
+
+
+def coverage(stats: dict[str, dict], member_index: int, power: float, by_type: bool) -> tuple[float, float]:
+    """(oracle coverage, share of the moved rank on planted modules) of ``consistent_spectrum``'s split at ``power``."""
+    import statistics
+
+    from bench.family import member, module_costs
+    from peft_adaptive.allocation import allocate_by_spectrum
+
+    spec = member(member_index)
+    costs_by_module = module_costs(spec.teacher)
+    names = list(stats)
+    costs = [next(c for m, c in costs_by_module.items() if n.endswith(m)) for n in names]
+    values = [[v * stats[n]["consistency"] ** (power / 2) for v in stats[n]["spectrum"]] for n in names]
+    if by_type:
+        medians = {
+            t: statistics.median(v[0] for n, v in zip(names, values) if module_type(n) == t)
+            for t in map(module_type, names)
+        }
+        values = [[v / medians[module_type(n)] for v in vs] for n, vs in zip(names, values)]
+    cap = 2 * spec.r
+    ranks = allocate_by_spectrum([[v * v for v in vs] for vs in values], costs, spec.r * sum(costs), 1, cap).ranks
+    oracle = {i: rank for i, n in enumerate(names) for m, rank in spec.oracle_ranks.items() if n.endswith(m)}
+    covered = sum(min(ranks[i], rank) * costs[i] for i, rank in oracle.items())
+    needed = sum(min(rank, cap) * costs[i] for i, rank in oracle.items())
+    moved = [max(rank - spec.r, 0) * cost for rank, cost in zip(ranks, costs)]
+    return covered / needed, sum(moved[i] for i in oracle) / max(sum(moved), 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("members", type=int, nargs="+", help="family member indices")
     parser.add_argument("--method", default="warm-gradient_spectrum-random+max2r+reset", help="whose signal steps")
+    parser.add_argument("--allocate", action="store_true", help="the split's oracle coverage instead of the AUCs")
     args = parser.parse_args()
     for index in args.members:
         stats, planted, steps = module_statistics(index, args.method)
+        if args.allocate:
+            for by_type, power in itertools.product((False, True), ALLOCATE_POWERS):
+                covered, moved = coverage(stats, index, power, by_type)
+                label = f"power {power}" + (", per-type median" if by_type else "")
+                print(f"family-{index:02d} {label:26s} oracle covered {covered:.2f}, moved rank on planted {moved:.2f}")
+            continue
         print(f"family-{index:02d}: {len(planted)} planted of {len(stats)} modules, {steps} signal steps")
         for key in STATISTICS:
             order = sorted(stats, key=lambda name: -stats[name][key])
