@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench import family  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
-from gradient_consistency_probe import auc  # noqa: E402
+from gradient_consistency_probe import auc, coverage  # noqa: E402
 
 
 def test_the_cipher_is_a_fixed_letter_permutation_without_fixed_points():
@@ -68,3 +68,26 @@ def test_probe_auc_counts_planted_modules_ranked_above_the_others():
     assert auc(["p", "a", "b"], {"p"}) == 1.0
     assert auc(["a", "b", "p"], {"p"}) == 0.0
     assert auc(["p", "a", "q", "b"], {"p", "q"}) == 0.75  # pairs (p,a) (p,b) (q,b) of 4
+
+
+def test_probe_coverage_is_the_share_of_the_capped_oracle_ranks_the_split_gives():
+    """The probe's --allocate proxy: a spectrum that singles out the planted module covers the oracle (its rank 9 capped
+    at 2r = 8) and moves rank to it; one that singles out other modules covers only the floor and moves none to it."""
+    spec = family.member(4)
+    names = ["encoder." + name for name in family.module_costs(spec.teacher)]
+    planted = {"encoder." + change.module for change in spec.changes}
+
+    def stats(loud: set[str], consistency: float = 1.0) -> dict:
+        flat = [1.0] * 32
+        return {
+            n: {"spectrum": [100.0 * v for v in flat] if n in loud else flat, "consistency": consistency} for n in names
+        }
+
+    covered, moved = coverage(stats(planted), 4, power=4, by_type=False)
+    assert covered == 1.0 and moved > 0.0
+    elsewhere, moved_elsewhere = coverage(stats(set(names[:3]) - planted), 4, power=4, by_type=False)
+    floor = sum(family.module_costs(spec.teacher)[c.module] for c in spec.changes)  # min_r = 1 each
+    capped = sum(min(c.rank, 2 * spec.r) * family.module_costs(spec.teacher)[c.module] for c in spec.changes)
+    assert elsewhere == pytest.approx(floor / capped) and moved_elsewhere == 0.0
+    # a uniform consistency scales every value alike, so the power changes nothing
+    assert coverage(stats(planted, 0.5), 4, power=8, by_type=False) == (covered, moved)
