@@ -403,6 +403,7 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     assert roles == [
         f"| choose | {SHIPPED_DEFAULT} | 0.50 | 1 | 1/2 |",
         f"| report | {SHIPPED_DEFAULT} | 0.50 ± 3.18 | 2 | 0/2 |",  # shares 0.25 and 0.75
+        f"| choose | {SHIPPED_DEFAULT} | 0.52 | 1 | 0/1 | 3 |",  # with seeds, per group: family-00 alone has them
     ]
     # family-00 over seeds 0-2: default - lora 0.10, 0.11, 0.10; oracle - lora 0.20, 0.22, 0.18; Fieller's a, b, c =
     # 0.0375312, 0.0200495, 0.0104720, so the share 0.103 / 0.2 = 0.52 has the interval 0.45, 0.61

@@ -16,9 +16,10 @@ a method is worse only when its interval excludes 0 below, so one noisy seed no 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 from . import family
-from .stats import fieller, paired_differences, summarise
+from .stats import Diff, fieller, is_better, paired_differences, summarise
 from .tables import Results, diff_cell, markdown_table, method_order, share_cell
 
 SOMETHING_TO_FIND = 0.02
@@ -105,10 +106,27 @@ def group_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
     return rows
 
 
-def seeded_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
-    """Per member and method with two or more seeds paired with uniform LoRA and the oracle: method − lora and
-    oracle − lora (mean ± 95% half-width, verdict, seeds) and the share with its Fieller interval."""
-    rows = []
+@dataclass(frozen=True)
+class SeededReading:
+    """One member and method read over the seeds the method, uniform LoRA and the oracle all have (two or more)."""
+
+    member: str
+    method: str
+    gain: Diff  # method − lora, paired by seed
+    gap: Diff  # oracle − lora, paired by seed
+    share: tuple[float, float | None, float | None] | None  # mean(gain) / mean(gap), Fieller's 95% interval
+
+    @property
+    def something_to_find(self) -> bool:
+        return is_better(self.gap, higher_is_better=True)
+
+    @property
+    def worse(self) -> bool:
+        return is_better(self.gain, higher_is_better=False)  # below 0 outside its interval
+
+
+def seeded_readings(tree: dict[str, Results], methods: list[str]) -> list[SeededReading]:
+    readings = []
     for name, results in sorted(tree.items()):
         lora, oracle = results.get("lora", {}), results.get("oracle", {})
         for method in methods:
@@ -118,15 +136,50 @@ def seeded_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
             if len(seeds) < 2:
                 continue
             gains, gaps = [gain[s] for s in seeds], [gap[s] for s in seeds]
-            ratio = fieller(gains, gaps)
+            readings.append(SeededReading(name, method, summarise(gains), summarise(gaps), fieller(gains, gaps)))
+    return readings
+
+
+def seeded_rows(readings: list[SeededReading]) -> list[list[str]]:
+    """Per member and method: method − lora and oracle − lora (mean ± 95% half-width, verdict, seeds) and the share
+    with its Fieller interval."""
+    return [
+        [
+            r.member,
+            family.member(member_index(r.member)).group,
+            r.method,
+            diff_cell(r.gain, True),
+            diff_cell(r.gap, True),
+            share_cell(None if r.share is None else (*r.share, r.gain[3])),
+        ]
+        for r in readings
+    ]
+
+
+def seeded_group_rows(readings: list[SeededReading]) -> list[list[str]]:
+    """Per group and method, over the members read with seeds: the mean share over those where the oracle beats
+    uniform LoRA outside its interval (± 95% t half-width over the members), and the members where the method is
+    worse than uniform LoRA outside its interval. A method's row needs every member of the group that any method was
+    read on with seeds, so that no method's row rests on a subset."""
+    rows = []
+    for group in ("choose", "report", "held-out"):
+        members = sorted({r.member for r in readings if family.member(member_index(r.member)).group == group})
+        for method in sorted({r.method for r in readings}, key=method_order):
+            mine = [r for r in readings if r.method == method and r.member in members]
+            if not mine or len(mine) < len(members):
+                continue
+            shares = [r.share[0] for r in mine if r.something_to_find and r.share is not None]
+            stats = summarise(shares)
+            mean = f"{stats[0]:.2f} ± {stats[2]:.2f}" if stats else (f"{shares[0]:.2f}" if shares else "–")
+            seeds = sorted({r.gain[3] for r in mine})
             rows.append(
                 [
-                    name,
-                    family.member(member_index(name)).group,
+                    group,
                     method,
-                    diff_cell(summarise(gains), True),
-                    diff_cell(summarise(gaps), True),
-                    share_cell(None if ratio is None else (*ratio, len(seeds))),
+                    mean,
+                    str(len(shares)),
+                    f"{sum(r.worse for r in mine)}/{len(mine)}",
+                    "/".join(map(str, seeds)),
                 ]
             )
     return rows
@@ -158,14 +211,22 @@ def family_section(tree: dict[str, Results]) -> list[str]:
 
 
 def seeded_section(tree: dict[str, Results], methods: list[str]) -> list[str]:
-    rows = seeded_rows(tree, methods)
-    if not rows:
+    readings = seeded_readings(tree, methods)
+    if not readings:
         return []
     return [
         "Members with more seeds, each read on its own, paired by seed (seeds all of method, lora and oracle have): "
         "the differences with their 95% t intervals, **worse**/**better** only outside them; the share is "
         "mean(method − lora) / mean(oracle − lora) with Fieller's 95% interval.",
         "",
-        *markdown_table(["member", "group", "method", "method − lora", "oracle − lora", "share"], rows),
+        *markdown_table(
+            ["member", "group", "method", "method − lora", "oracle − lora", "share"], seeded_rows(readings)
+        ),
+        "",
+        "The same per group, where the method has seeds on every member read here: mean share ± half-width of the "
+        "95% t interval over the members where the oracle beats uniform LoRA outside its interval (n), and the "
+        "members where the method is **worse** than uniform LoRA outside its interval.",
+        "",
+        *markdown_table(["group", "method", "mean share", "n", "worse", "seeds"], seeded_group_rows(readings)),
         "",
     ]
