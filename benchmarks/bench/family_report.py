@@ -10,7 +10,9 @@ find, and its count of worse members.
 Where members also have seeds beyond 0 (pre-registered 2026-12-05: seeds 1-2 of ``lora``, ``oracle`` and the
 default on the report members), a second table reads each member on its own, paired by seed: method − lora and
 oracle − lora with their 95% t intervals, and the share as the ratio of those means with Fieller's interval; there
-a method is worse only when its interval excludes 0 below, so one noisy seed no longer decides.
+a method is worse only when its interval excludes 0 below, so one noisy seed no longer decides. A third table sums
+those readings up per group: the mean share over the members where the oracle beats uniform LoRA outside its
+interval, and the members where the method is worse outside its own.
 """
 
 from __future__ import annotations
