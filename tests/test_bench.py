@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench import family, methods, report, stats  # noqa: E402
+from bench import family, methods, report, stats, tuning  # noqa: E402
 from bench.methods import DEFAULT_RUN, SHIPPED_DEFAULT, Method, parse_method  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 
@@ -95,6 +95,26 @@ def test_learning_rates_and_grid_names():
     assert methods.base_name(SHIPPED_DEFAULT + "+lr0.5x") == SHIPPED_DEFAULT
     assert methods.with_lr_factor("eva", 0.5) == "eva+lr0.5x" and methods.with_lr_factor("eva", 1.0) == "eva"
     assert SHIPPED_DEFAULT == "warm-consistent_spectrum4-random+max2r+reset"
+
+
+@pytest.mark.parametrize(
+    "grid, higher_is_better, chosen",
+    [
+        ({0.5: 0.1, 1.0: 0.3, 2.0: 0.2}, True, 1.0),  # inside the grid: the doublings are not read
+        ({0.5: 0.1, 1.0: 0.3, 2.0: 0.2, 4.0: 0.9}, True, 1.0),
+        ({0.5: 0.1, 1.0: 0.2, 2.0: 0.3}, True, 2.0),  # at the top, x4 not run: the top
+        ({0.5: 0.1, 1.0: 0.2, 2.0: 0.3, 4.0: 0.25}, True, 2.0),
+        ({0.5: 0.1, 1.0: 0.2, 2.0: 0.3, 4.0: 0.4, 8.0: 0.35}, True, 4.0),
+        ({0.5: 0.1, 1.0: 0.2, 2.0: 0.3, 4.0: 0.4, 8.0: 0.5}, True, 8.0),
+        ({0.5: 0.1, 1.0: 0.2, 2.0: 0.3, 8.0: 0.9}, True, 2.0),  # x8 only joins after x4
+        ({0.5: 3.0, 1.0: 2.0, 2.0: 1.0, 4.0: 0.5}, False, 4.0),  # a loss: lower is better
+        ({0.5: 0.1, 1.0: 0.3, 2.0: 0.3}, True, 1.0),  # ties: the suite's own rate
+        ({0.5: 0.1, 1.0: None, 2.0: 0.3, 4.0: 0.5}, True, None),  # the base grid incomplete: not tuned
+    ],
+)
+def test_the_learning_rate_grid_grows_past_its_top_only_while_the_top_is_best(grid, higher_is_better, chosen):
+    full = {factor: grid.get(factor) for factor in tuning.LR_GRID + tuning.EDGE_STEPS}
+    assert tuning.chosen_factor(full, higher_is_better) == chosen
 
 
 def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
