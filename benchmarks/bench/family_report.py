@@ -28,6 +28,7 @@ SOMETHING_TO_FIND = 0.02
 WORSE = -0.01
 SEED = 0
 METRIC = "gap_closed"
+GROUPS = ("choose", "report", "held-out")  # the values of family.Member.group, in the report's order
 
 
 def member_index(suite_name: str) -> int:
@@ -89,22 +90,25 @@ def member_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]
     return rows
 
 
+def mean_share_cell(shares: list[float]) -> str:
+    """``0.51 ± 1.42``: the mean share with the half-width of its 95% t interval (one share: itself; none: '–')."""
+    stats = summarise(shares)
+    if stats is not None:
+        return f"{stats[0]:.2f} ± {stats[2]:.2f}"
+    return f"{statistics.fmean(shares):.2f}" if shares else "–"
+
+
 def group_rows(tree: dict[str, Results], methods: list[str]) -> list[list[str]]:
     rows = []
-    for group in ("choose", "report", "held-out"):
+    for group in GROUPS:
         members = {n: r for n, r in tree.items() if family.member(member_index(n)).group == group}
         for method in methods:
             outcomes = [share(results, method) for results in members.values() if value(results, method) is not None]
             if not outcomes:
                 continue
             shares = [s for s, _ in outcomes if s is not None]
-            stats = summarise(shares)
-            if stats is not None:
-                mean = f"{stats[0]:.2f} ± {stats[2]:.2f}"
-            else:
-                mean = f"{statistics.fmean(shares):.2f}" if shares else "–"
             worse = sum(w for _, w in outcomes)
-            rows.append([group, method, mean, str(len(shares)), f"{worse}/{len(outcomes)}"])
+            rows.append([group, method, mean_share_cell(shares), str(len(shares)), f"{worse}/{len(outcomes)}"])
     return rows
 
 
@@ -164,21 +168,19 @@ def seeded_group_rows(readings: list[SeededReading]) -> list[list[str]]:
     worse than uniform LoRA outside its interval. A method's row needs every member of the group that any method was
     read on with seeds, so that no method's row rests on a subset."""
     rows = []
-    for group in ("choose", "report", "held-out"):
+    for group in GROUPS:
         members = sorted({r.member for r in readings if family.member(member_index(r.member)).group == group})
         for method in sorted({r.method for r in readings}, key=method_order):
             mine = [r for r in readings if r.method == method and r.member in members]
             if not mine or len(mine) < len(members):
                 continue
             shares = [r.share[0] for r in mine if r.something_to_find and r.share is not None]
-            stats = summarise(shares)
-            mean = f"{stats[0]:.2f} ± {stats[2]:.2f}" if stats else (f"{shares[0]:.2f}" if shares else "–")
             seeds = sorted({r.gain[3] for r in mine})
             rows.append(
                 [
                     group,
                     method,
-                    mean,
+                    mean_share_cell(shares),
                     str(len(shares)),
                     f"{sum(r.worse for r in mine)}/{len(mine)}",
                     "/".join(map(str, seeds)),
