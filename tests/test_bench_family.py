@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench import family  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
+from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
 
 
@@ -91,3 +92,39 @@ def test_probe_coverage_is_the_share_of_the_capped_oracle_ranks_the_split_gives(
     assert elsewhere == pytest.approx(floor / capped) and moved_elsewhere == 0.0
     # a uniform consistency scales every value alike, so the power changes nothing
     assert coverage(stats(planted, 0.5), 4, power=8, by_type=False) == (covered, moved)
+
+
+def test_canonical_correlations_are_one_where_a_linear_map_predicts_the_gradient_and_near_zero_for_noise():
+    """The probe's scale-free statistic: d = M x with M of rank 2 gives two canonical correlations of 1, whatever the
+    scale of x or d; d independent of x gives none near 1."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = 50.0 * torch.randn(4000, 12, generator=generator, dtype=torch.float64)
+    mixing = torch.randn(8, 2, generator=generator, dtype=torch.float64) @ torch.randn(
+        2, 12, generator=generator, dtype=torch.float64
+    )
+    d = 1e-4 * x @ mixing.T
+    correlations = canonical_correlations(d.T @ x, x.T @ x, d.T @ d, ridge=1e-9)
+    assert correlations[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert correlations[2:].max() < 1e-2
+    noise = torch.randn(4000, 8, generator=generator, dtype=torch.float64)
+    assert canonical_correlations(noise.T @ x, x.T @ x, noise.T @ noise).max() < 0.15
+
+
+def test_probe_consistencies_are_one_for_identical_steps_and_tokens_and_fall_for_noise():
+    import torch
+
+    x, d = torch.ones(5, 3, dtype=torch.float64), 2.0 * torch.ones(5, 4, dtype=torch.float64)
+    same: dict = {}
+    for _ in range(4):
+        accumulate(same, x, d)
+    stats = module_statistics(same)
+    assert stats["consistency"] == pytest.approx(1.0)  # four identical steps
+    assert stats["token_consistency"] == pytest.approx(4 * 5)  # N aligned tokens: N = 20
+    assert stats["fro"] == pytest.approx(float((d.T @ x).norm() / 5))
+    generator = torch.Generator().manual_seed(1)
+    noisy: dict = {}
+    for _ in range(4):
+        accumulate(noisy, *(torch.randn(5, k, generator=generator, dtype=torch.float64) for k in (3, 4)))
+    assert module_statistics(noisy)["consistency"] < 0.8
