@@ -77,22 +77,10 @@ def accumulate(moments: dict, inputs, output_grads) -> None:
 
 
 def probe(member_index: int, start: int, steps: int | None) -> tuple[dict[str, dict[str, float]], set[str]]:
-    import torch
-    from transformers import set_seed
-
     from bench.family import member
-    from bench.methods import build, parse_method
-    from bench.runner import CLIP_NORM, optimizer_and_schedule
-    from bench.suites import SUITES
-    from bench.tasks import make_task
+    from gradient_consistency_probe import uniform_lora_on_member
 
-    suite = SUITES[f"family-{member_index:02d}"]
-    task, lora = make_task(suite), parse_method("lora")
-    set_seed(0)
-    base = task.base_model()
-    set_seed(0)
-    model = build(lora, task, base, 0)
-    layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    suite, task, model, layers, finish_step = uniform_lora_on_member(member_index)
     moments = {name: {} for name in layers}
     recording = {"on": False}
 
@@ -109,15 +97,10 @@ def probe(member_index: int, start: int, steps: int | None) -> tuple[dict[str, d
 
     for name, layer in layers.items():
         layer.register_forward_hook(record(name))
-    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    optimizer, schedule = optimizer_and_schedule(params, lora, suite)
     for step, batch in enumerate(task.batches(0, steps or suite.warmup)):
         recording["on"] = step >= start
         task.loss(model, batch).backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        finish_step()
     planted = {name for name in layers if any(name.endswith(c.module) for c in member(member_index).changes)}
     return {name: module_statistics(m) for name, m in moments.items()}, planted
 

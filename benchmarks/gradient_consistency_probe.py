@@ -35,12 +35,13 @@ SPECTRUM_LENGTH = 32  # singular values of S kept per module for --allocate (the
 STATISTICS = ("fro", "top", "rel", "consistency", "fro_x_consistency", "fro_x_sqrt_consistency", "signal")
 
 
-def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, dict[str, float]], set[str], int]:
+def uniform_lora_on_member(member_index: int):
+    """Uniform LoRA on family member ``member_index`` as the harness trains it (seed 0): the suite, the task, the
+    model, its LoRA layers by name, and the tail of one training step (clip, optimizer and schedule step, zero_grad)."""
     import torch
     from transformers import set_seed
 
-    from bench.family import member
-    from bench.methods import build, parse_method, signal_steps
+    from bench.methods import build, parse_method
     from bench.runner import CLIP_NORM, optimizer_and_schedule
     from bench.suites import SUITES
     from bench.tasks import make_task
@@ -52,24 +53,38 @@ def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, di
     set_seed(0)
     model = build(lora, task, base, 0)
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-    for layer in layers.values():  # its .grad is then the full-weight gradient; it is not in the optimizer
-        layer.base_layer.weight.requires_grad_(True)
     params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     optimizer, schedule = optimizer_and_schedule(params, lora, suite)
+
+    def finish_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return suite, task, model, layers, finish_step
+
+
+def module_statistics(member_index: int, method_name: str) -> tuple[dict[str, dict[str, float]], set[str], int]:
+    import torch
+
+    from bench.family import member
+    from bench.methods import parse_method, signal_steps
+
+    suite, task, model, layers, finish_step = uniform_lora_on_member(member_index)
+    for layer in layers.values():  # its .grad is then the full-weight gradient; it is not in the optimizer
+        layer.base_layer.weight.requires_grad_(True)
     steps = signal_steps(parse_method(method_name), suite)
     sums = dict.fromkeys(layers, 0.0)
     squares = dict.fromkeys(layers, 0.0)
     for batch in task.batches(0, steps):
         task.loss(model, batch).backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-        for name, layer in layers.items():
+        for name, layer in layers.items():  # the base weights are not clipped: only the LoRA factors are
             grad = layer.base_layer.weight.grad
             sums[name] = sums[name] + grad
             squares[name] += float(grad.pow(2).sum())
             layer.base_layer.weight.grad = None
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        finish_step()
     stats = {}
     for name, layer in layers.items():
         total = sums[name]
