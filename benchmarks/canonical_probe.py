@@ -48,14 +48,15 @@ def canonical_correlations(cross, input_covariance, output_covariance, ridge: fl
 
 
 def module_statistics(moments: dict) -> dict[str, float]:
-    """The statistics above from one module's accumulated moments (see :class:`Moments`)."""
+    """The statistics above from one module's moments, as :func:`accumulate` sums them."""
     tokens = moments["tokens"]
     cross, inputs, outputs = moments["cross"] / tokens, moments["inputs"] / tokens, moments["outputs"] / tokens
     canonical = canonical_correlations(cross, inputs, outputs)
+    summed_energy = float(moments["cross"].norm() ** 2)  # of the gradient summed over every step and token
     return {
         "fro": float(cross.norm()),
-        "consistency": float(moments["step_sum"].norm() ** 2 / (moments["steps"] * moments["step_squares"])),
-        "token_consistency": float(moments["cross"].norm() ** 2 / moments["token_squares"]),
+        "consistency": summed_energy / (moments["steps"] * moments["step_squares"]),
+        "token_consistency": summed_energy / moments["token_squares"],
         "canonical_top": float(canonical[0]),
         "canonical_energy": float(canonical.pow(2).sum()),
         "whitened_output": float((inverse_sqrt(outputs) @ cross).norm()),
@@ -63,7 +64,8 @@ def module_statistics(moments: dict) -> dict[str, float]:
 
 
 def accumulate(moments: dict, inputs, output_grads) -> None:
-    """Add one forward/backward's tokens (``inputs``: [N, fan_in], ``output_grads``: [N, fan_out], float64)."""
+    """Add one forward/backward's tokens (``inputs``: [N, fan_in], ``output_grads``: [N, fan_out], float64): one
+    step, whose gradient ``step_cross`` also counts toward the step consistency (``cross`` is the steps' sum)."""
     step_cross = output_grads.T @ inputs
     moments["cross"] = moments.get("cross", 0.0) + step_cross
     moments["inputs"] = moments.get("inputs", 0.0) + inputs.T @ inputs
@@ -71,7 +73,6 @@ def accumulate(moments: dict, inputs, output_grads) -> None:
     moments["tokens"] = moments.get("tokens", 0) + inputs.shape[0]
     token_squares = output_grads.pow(2).sum(1) * inputs.pow(2).sum(1)
     moments["token_squares"] = moments.get("token_squares", 0.0) + float(token_squares.sum())
-    moments["step_sum"] = moments.get("step_sum", 0.0) + step_cross
     moments["step_squares"] = moments.get("step_squares", 0.0) + float(step_cross.pow(2).sum())
     moments["steps"] = moments.get("steps", 0) + 1
 
