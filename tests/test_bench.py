@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from bench import family, methods, report, stats, tuning  # noqa: E402
-from bench.methods import DEFAULT_RUN, SHIPPED_DEFAULT, Method, parse_method  # noqa: E402
+from bench.methods import DEFAULT_RUN, SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START, Method, parse_method  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 
 # --- method names ---------------------------------------------------------------------------------------
@@ -306,6 +306,10 @@ def test_fixed_copies_the_in_place_runs_ranks_with_or_without_reset(tmp_path, mo
     assert methods.fixed_ranks("planted", fixed, 0) == dict(zip(MODULES, [1, 8, 2, 6, 3, 0]))
     write(tmp_path, [record("warm-norms-random+max2r", 0, 0.1, [4] * 6)])  # the run without +reset comes first
     assert methods.fixed_ranks("planted", fixed, 0) == dict.fromkeys(MODULES, 4)
+    # the report's reference column: the shipped default's own ranks, read from its (+reset) run
+    write(tmp_path, [record(SHIPPED_DEFAULT, 0, 0.1, [2, 6, 2, 6, 4, 4])])
+    replay = parse_method(SHIPPED_DEFAULT_RANKS_FROM_START)
+    assert methods.fixed_ranks("planted", replay, 0) == dict(zip(MODULES, [2, 6, 2, 6, 4, 4]))
 
 
 def test_report_renders_a_fake_results_tree(results_tree):
@@ -362,7 +366,7 @@ def peers_tree(results_tree):
     """The planted suite of ``results_tree`` with the peers, the hindsight allocation, the shipped default and
     learning-rate variants (validation metrics on seed 0), cost records, and four members of the planted family."""
     records = []
-    gains = {SHIPPED_DEFAULT: (0.05, 0.06, 0.04), "fixed-hindsight-random": (0.08, 0.10, 0.09), "adalora": (-0.02, 0.0, -0.01), "eva": (0.01, 0.012, 0.008)}  # fmt: skip
+    gains = {SHIPPED_DEFAULT: (0.05, 0.06, 0.04), "fixed-hindsight-random": (0.08, 0.10, 0.09), "adalora": (-0.02, 0.0, -0.01), "eva": (0.01, 0.012, 0.008), SHIPPED_DEFAULT_RANKS_FROM_START: (0.0, 0.03, -0.01)}  # fmt: skip
     for seed, lora in enumerate((0.10, 0.12, 0.11)):
         for method, gain in gains.items():
             extra = {}
@@ -396,7 +400,10 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     # 0.0041914, 0.0018828, so (b -+ sqrt(b^2 - ac)) / a = 0.31, 0.81
     assert summary[6] == (
         "| planted | `gap_closed` | +0.1033 ± 0.0379 (3/3 seeds better): **better** | +0.0900 ± 0.0248 (3/3 seeds "
-        "better): **better** | ✓ | 0.56, 95% [0.31, 0.81] (3 seeds) |"
+        "better): **better** | ✓ | 0.56, 95% [0.31, 0.81] (3 seeds) | +0.0067 ± 0.0517 (1/3 seeds better): inside |"
+    )
+    assert summary[4].endswith(
+        f"| reference: the default's ranks from step 0 − lora (`{SHIPPED_DEFAULT_RANKS_FROM_START}`) |"
     )
     peers = section(text, "Peers side by side: each method against uniform LoRA")
     assert peers[4].startswith(

@@ -77,6 +77,9 @@ PREVIOUS_DEFAULT = "warm-consistent_spectrum2-random+max2r+reset"
 #: the run name of the shipped default (``score="consistent_spectrum"`` at ``consistency_power=4``, random growth,
 #: ``max_r = 2r``, ``optimizer_state="reset"``): the method every other is compared with, besides uniform LoRA
 SHIPPED_DEFAULT = "warm-consistent_spectrum4-random+max2r+reset"
+#: plain LoRA from step 0 at the ranks the same seed's shipped-default run ended with (``fixed_ranks`` finds that
+#: run, ``+reset`` included): whether the default's ranks alone pay, without its two-phase run
+SHIPPED_DEFAULT_RANKS_FROM_START = "fixed-" + SHIPPED_DEFAULT.removeprefix("warm-").removesuffix("+reset")
 #: every default's run name, newest first (the report shows each, so no committed default run drops out of view)
 DEFAULT_RUNS = (SHIPPED_DEFAULT, PREVIOUS_DEFAULT, EARLIER_DEFAULT, MIGRATE_DEFAULT)
 #: PEFT's methods and full fine-tuning, by name (see the module docstring)

@@ -6,11 +6,12 @@ The rules are the pre-registered ones (benchmarks/RESULTS.md, "Where does alloca
 ``lora-4x - lora`` better outside the paired 95% t interval; check 2, allocation can pay,
 ``fixed-hindsight-random - lora`` better outside it; on a suite passing both, the shipped default's captured share
 ``mean(default - lora) / mean(hindsight - lora)`` over the seeds all three have, with its 95% Fieller interval.
+A last column, a reference and not a check, shows where it was run the default's own ranks trained from step 0.
 """
 
 from __future__ import annotations
 
-from .methods import SHIPPED_DEFAULT
+from .methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START
 from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
 from .suites import SUITES
 from .tables import PEER_COLUMNS, Results, diff_cell, markdown_table, share_cell
@@ -49,7 +50,9 @@ def calibration_rows(tree: Tree) -> list[list[str]]:
         both = all(is_better(check, suite.higher_is_better) for check in checks)
         cells = [verdict(check, suite.higher_is_better) if check else "–" for check in checks]
         share = share_cell(captured_share(results, suite.metric)) if both else "–"
-        rows.append([name, f"`{suite.metric}`", *cells, "✓" if both else "", share])
+        replay = results.get(SHIPPED_DEFAULT_RANKS_FROM_START)
+        replay_cell = verdict(paired(replay, lora, suite.metric), suite.higher_is_better) if replay else "–"
+        rows.append([name, f"`{suite.metric}`", *cells, "✓" if both else "", share, replay_cell])
     return rows
 
 
@@ -62,6 +65,7 @@ def calibration_summary(tree: Tree) -> list[str]:
         "check 2, allocation can pay: fixed-hindsight-random − lora",
         "both",
         f"default's captured share of the hindsight gain (`{SHIPPED_DEFAULT}`)",
+        f"reference: the default's ranks from step 0 − lora (`{SHIPPED_DEFAULT_RANKS_FROM_START}`)",
     ]
     return [
         "## Summary: is there something to find?",
@@ -69,7 +73,9 @@ def calibration_summary(tree: Tree) -> list[str]:
         "Paired by seed, mean ± half-width of the 95% t interval (seeds where the method is better / seeds); a check "
         "passes when the difference is **better** outside the interval (pre-registered in benchmarks/RESULTS.md). "
         "On the suites passing both (✓): the shipped default's share of the hindsight gain, "
-        "mean(default − lora) / mean(hindsight − lora), with its 95% Fieller interval.",
+        "mean(default − lora) / mean(hindsight − lora), with its 95% Fieller interval. The last column is a "
+        "reference, not a check: plain LoRA trained from step 0 at the ranks the same seed's default run ended with "
+        "(does the default's allocation pay without its two-phase run?).",
         "",
         *markdown_table(header, calibration_rows(tree)),
         "",
