@@ -43,16 +43,14 @@ def calibration_rows(tree: Tree) -> list[list[str]]:
     for name, results in tree.items():
         suite = SUITES[name]
         lora = results.get("lora", {})
-        checks: list[Diff | None] = [
+        rank_binds, can_pay, _ = diffs = [
             paired(results[method], lora, suite.metric) if method in results else None
-            for method in (RANK_BINDS, CAN_PAY)
+            for method in (RANK_BINDS, CAN_PAY, SHIPPED_DEFAULT_RANKS_FROM_START)
         ]
-        both = all(is_better(check, suite.higher_is_better) for check in checks)
-        cells = [verdict(check, suite.higher_is_better) if check else "–" for check in checks]
+        both = is_better(rank_binds, suite.higher_is_better) and is_better(can_pay, suite.higher_is_better)
+        cells = [verdict(diff, suite.higher_is_better) if diff else "–" for diff in diffs]
         share = share_cell(captured_share(results, suite.metric)) if both else "–"
-        replay = results.get(SHIPPED_DEFAULT_RANKS_FROM_START)
-        replay_cell = verdict(paired(replay, lora, suite.metric), suite.higher_is_better) if replay else "–"
-        rows.append([name, f"`{suite.metric}`", *cells, "✓" if both else "", share, replay_cell])
+        rows.append([name, f"`{suite.metric}`", *cells[:2], "✓" if both else "", share, cells[2]])
     return rows
 
 
