@@ -48,9 +48,9 @@ def calibration_rows(tree: Tree) -> list[list[str]]:
             for method in (RANK_BINDS, CAN_PAY, SHIPPED_DEFAULT_RANKS_FROM_START)
         ]
         both = is_better(rank_binds, suite.higher_is_better) and is_better(can_pay, suite.higher_is_better)
-        cells = [verdict(diff, suite.higher_is_better) if diff else "–" for diff in diffs]
         share = share_cell(captured_share(results, suite.metric)) if both else "–"
-        rows.append([name, f"`{suite.metric}`", *cells[:2], "✓" if both else "", share, cells[2]])
+        check_1, check_2, from_start = (verdict(diff, suite.higher_is_better) if diff else "–" for diff in diffs)
+        rows.append([name, f"`{suite.metric}`", check_1, check_2, "✓" if both else "", share, from_start])
     return rows
 
 
