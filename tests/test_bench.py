@@ -441,6 +441,29 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     assert "| planted | adalora | 3 | 2.00× (2.00..2.00) | 2.00× (2.00..2.00) | 1.50× (1.50..1.50) | AdaLoRA allocation 1.00 |" in costs  # fmt: skip
 
 
+def test_pairs_across_machines_are_marked(results_tree):
+    """A paired cell whose method and uniform LoRA ran on different CPU types on some seed carries the mark; one
+    machine on every seed (or no hardware recorded, as in the fixture) does not."""
+    for method, seed, cpu in (("lora", 0, "AMD EPYC"), ("lora-4x", 0, "Intel Xeon"), ("lora", 1, "AMD EPYC")):
+        path = results_tree / "planted" / method / f"seed{seed}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {"cpu": cpu}}))
+    text = report.report()
+    peers = section(text, "Peers side by side: each method against uniform LoRA")
+    # lora-4x crosses machines on seed 0 (Intel against AMD) and on seed 1 (none recorded against AMD)
+    assert peers[6].endswith("| +0.1033 ± 0.0379 **better** (3) ‡ | – |")
+    summary = section(text, "Summary: is there something to find?")
+    assert summary[6].startswith("| planted | `gap_closed` | +0.1033 ± 0.0379 (3/3 seeds better): **better** ‡ |")
+    assert any(line.startswith("‡: on some of the paired seeds") for line in summary)
+    # the same machine on every paired seed: no mark
+    for method, seed in (("lora-4x", 1), ("lora-4x", 2), ("lora", 2)):
+        path = results_tree / "planted" / method / f"seed{seed}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {"cpu": "AMD EPYC"}}))
+    path = results_tree / "planted" / "lora-4x" / "seed0.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {"cpu": "AMD EPYC"}}))
+    peers = section(report.report(), "Peers side by side: each method against uniform LoRA")
+    assert peers[6].endswith("| +0.1033 ± 0.0379 **better** (3) | – |")
+
+
 def test_report_without_new_methods_renders_dashes(results_tree):
     text = report.report()
     peers = section(text, "Peers side by side: each method against uniform LoRA")

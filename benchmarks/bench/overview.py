@@ -14,7 +14,7 @@ from __future__ import annotations
 from .methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START
 from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
 from .suites import SUITES
-from .tables import PEER_COLUMNS, Results, diff_cell, markdown_table, share_cell
+from .tables import CROSSES_MACHINES_NOTE, PEER_COLUMNS, Results, diff_cell, machines_mark, markdown_table, share_cell
 
 RANK_BINDS, CAN_PAY = "lora-4x", "fixed-hindsight-random"
 Tree = dict[str, Results]  # {suite: its results}, the suites an overview covers
@@ -43,13 +43,16 @@ def calibration_rows(tree: Tree) -> list[list[str]]:
     for name, results in tree.items():
         suite = SUITES[name]
         lora = results.get("lora", {})
+        methods = (RANK_BINDS, CAN_PAY, SHIPPED_DEFAULT_RANKS_FROM_START)
         rank_binds, can_pay, _ = diffs = [
-            paired(results[method], lora, suite.metric) if method in results else None
-            for method in (RANK_BINDS, CAN_PAY, SHIPPED_DEFAULT_RANKS_FROM_START)
+            paired(results[method], lora, suite.metric) if method in results else None for method in methods
         ]
         both = is_better(rank_binds, suite.higher_is_better) and is_better(can_pay, suite.higher_is_better)
         share = share_cell(captured_share(results, suite.metric)) if both else "–"
-        check_1, check_2, from_start = (verdict(diff, suite.higher_is_better) if diff else "–" for diff in diffs)
+        check_1, check_2, from_start = (
+            verdict(diff, suite.higher_is_better) + machines_mark(results.get(method), lora) if diff else "–"
+            for method, diff in zip(methods, diffs)
+        )
         rows.append([name, f"`{suite.metric}`", check_1, check_2, "✓" if both else "", share, from_start])
     return rows
 
@@ -76,6 +79,8 @@ def calibration_summary(tree: Tree) -> list[str]:
         "(does the default's allocation pay without its two-phase run?).",
         "",
         *markdown_table(header, calibration_rows(tree)),
+        "",
+        CROSSES_MACHINES_NOTE,
         "",
     ]
 
@@ -106,7 +111,11 @@ def peer_rows(tree: Tree) -> list[list[str]]:
         direction = "↑" if suite.higher_is_better else "↓"
         cells = [f"{sum(values) / len(values):.4f} ({len(values)})"]
         differences = peer_differences(name, results)
-        cells += [diff_cell(differences.get(m), suite.higher_is_better) for m in columns if m != "lora"]
+        cells += [
+            diff_cell(differences.get(m), suite.higher_is_better) + machines_mark(results.get(m), results["lora"])
+            for m in columns
+            if m != "lora"
+        ]
         rows.append([f"{name} (`{suite.metric}` {direction})", *cells])
     return rows
 
@@ -121,7 +130,7 @@ PEERS_NOTE = (
     "when the interval excludes 0 (inside otherwise), (seeds); the uniform LoRA column is its mean metric (seeds). "
     "Every method at the suite's learning rate and the same final budget as uniform LoRA at rank r (AdaLoRA and EVA "
     "budget ranks, not parameters: their counts are in each suite's table); LoRA 4× (4× the budget) and the "
-    "hindsight allocation are references, not competitors. '–': not run."
+    "hindsight allocation are references, not competitors. '–': not run. " + CROSSES_MACHINES_NOTE
 )
 
 

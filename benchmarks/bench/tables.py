@@ -31,6 +31,29 @@ def method_order(name: str) -> tuple:
     return (order.index(name) if name in order else len(order), name)
 
 
+#: appended to a paired cell where some seed ran on another CPU type for the method than for its reference
+CROSSES_MACHINES = " ‡"
+CROSSES_MACHINES_NOTE = (
+    "‡: on some of the paired seeds the two runs ran on different CPU types (AMD EPYC, Intel Xeon): the difference "
+    "then holds the machines' too (at rank 2 on the causal LM the CPU alone moved a result by up to 0.027: "
+    "results/allocation/reruns/README.md)."
+)
+
+
+def crosses_machines(runs: dict[int, dict], reference: dict[int, dict]) -> bool:
+    """Some seed both have ran on another CPU type (``hardware.cpu``) in ``runs`` than in ``reference``."""
+    return any(_cpu(runs[seed]) != _cpu(reference[seed]) for seed in set(runs) & set(reference))
+
+
+def _cpu(run: dict) -> str | None:
+    return (run.get("hardware") or {}).get("cpu")
+
+
+def machines_mark(runs: dict[int, dict] | None, reference: dict[int, dict]) -> str:
+    """:data:`CROSSES_MACHINES` where the pair crosses machines, else nothing."""
+    return CROSSES_MACHINES if runs and crosses_machines(runs, reference) else ""
+
+
 def verdict_word(diff: Diff | None, higher_is_better: bool) -> str:
     """**better** / **worse** outside the 95% interval, "inside" otherwise."""
     if diff is None:
