@@ -269,6 +269,12 @@ def write(root: Path, records: list[dict]) -> None:
         path.write_text(json.dumps(run))
 
 
+def amend(root: Path, suite: str, method: str, seed: int, **fields) -> None:
+    """Add or replace ``fields`` in a written record."""
+    path = root / suite / method / f"seed{seed}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
 @pytest.fixture
 def results_tree(tmp_path, monkeypatch):
     """A planted suite with lora, lora-4x (with update spectra: a hindsight allocation) and the default, 3 seeds."""
@@ -388,8 +394,7 @@ def peers_tree(results_tree):
     write(results_tree, records)
     lora_cost = cost(0.1)
     for seed in range(3):  # uniform LoRA's runs with cost records (the first runs predate them)
-        path = results_tree / "planted" / "lora" / f"seed{seed}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "cost": lora_cost}))
+        amend(results_tree, "planted", "lora", seed, cost=lora_cost)
     return results_tree
 
 
@@ -445,8 +450,7 @@ def test_pairs_across_machines_are_marked(results_tree):
     """A paired cell whose method and uniform LoRA ran on different CPU types on some seed carries the mark; one
     machine on every seed (or no hardware recorded, as in the fixture) does not."""
     for method, seed, cpu in (("lora", 0, "AMD EPYC"), ("lora-4x", 0, "Intel Xeon"), ("lora", 1, "AMD EPYC")):
-        path = results_tree / "planted" / method / f"seed{seed}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {"cpu": cpu}}))
+        amend(results_tree, "planted", method, seed, hardware={"cpu": cpu})
     text = report.report()
     peers = section(text, "Peers side by side: each method against uniform LoRA")
     # lora-4x crosses machines on seed 0 (Intel against AMD) and on seed 1 (none recorded against AMD)
@@ -455,11 +459,8 @@ def test_pairs_across_machines_are_marked(results_tree):
     assert summary[6].startswith("| planted | `gap_closed` | +0.1033 ± 0.0379 (3/3 seeds better): **better** ‡ |")
     assert any(line.startswith("‡: on some of the paired seeds") for line in summary)
     # the same machine on every paired seed: no mark
-    for method, seed in (("lora-4x", 1), ("lora-4x", 2), ("lora", 2)):
-        path = results_tree / "planted" / method / f"seed{seed}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {"cpu": "AMD EPYC"}}))
-    path = results_tree / "planted" / "lora-4x" / "seed0.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {"cpu": "AMD EPYC"}}))
+    for method, seed in (("lora-4x", 0), ("lora-4x", 1), ("lora-4x", 2), ("lora", 2)):
+        amend(results_tree, "planted", method, seed, hardware={"cpu": "AMD EPYC"})
     peers = section(report.report(), "Peers side by side: each method against uniform LoRA")
     assert peers[6].endswith("| +0.1033 ± 0.0379 **better** (3) | – |")
 
