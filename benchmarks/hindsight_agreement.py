@@ -38,7 +38,10 @@ def agreements(suite: str, method: str, seeds: list[int]) -> dict[int, float]:
     """Spearman correlation with the hindsight ranks, per seed where both runs are committed with spectra."""
     out = {}
     for seed in seeds:
-        paths = result_path(suite, "lora-4x", seed), result_path(suite, "lora" if method == "lora end" else method, seed)
+        paths = (
+            result_path(suite, "lora-4x", seed),
+            result_path(suite, "lora" if method == "lora end" else method, seed),
+        )
         if not all(p.is_file() for p in paths):
             continue
         four, run = (json.loads(p.read_text()) for p in paths)

@@ -354,6 +354,27 @@ def test_report_of_some_suites_is_only_printed(results_tree):
     assert text.endswith("## clm\n\nno runs yet\n")
 
 
+def test_hindsight_agreement_of_a_late_reading_and_of_ranks(results_tree, capsys):
+    import hindsight_agreement
+
+    four = json.loads((results_tree / "planted" / "lora-4x" / "seed0.json").read_text())
+    hindsight = methods.hindsight_ranks(SUITES["planted"], four)
+    ordered = [hindsight[name] for name in MODULES]
+    # seed 0: uniform LoRA's final update in hindsight's order; seed 1: in the reverse order
+    for seed, sign in ((0, 1), (1, -1)):
+        spectra = {name: [float(20 + sign * rank)] for name, rank in zip(MODULES, ordered)}
+        amend(results_tree, "planted", "lora", seed, update_spectra=spectra, rank_costs=four["rank_costs"])
+    late = hindsight_agreement.agreements("planted", "lora end", [0, 1, 2])
+    assert set(late) == {0, 1}  # seed 2's lora recorded no spectra
+    assert late[0] == pytest.approx(1.0) and late[1] == pytest.approx(-1.0)
+    by_ranks = hindsight_agreement.agreements("planted", DEFAULT_RUN, [0, 1, 2])
+    assert set(by_ranks) == {0, 1, 2} and all(-1 <= rho <= 1 for rho in by_ranks.values())
+    hindsight_agreement.main(["--suite", "planted", "--methods", DEFAULT_RUN, "--seeds", "0", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "planted | lora end | s0 +1.00 s1 -1.00 | mean +0.00"
+    assert lines[1].startswith(f"planted | {DEFAULT_RUN} | s0 ")
+
+
 def cost(step: float, steps: int = 10, allocation_steps: int = 0, **one_off) -> dict:
     """A run's cost record: ``steps`` optimizer steps of ``step`` seconds."""
     return {
