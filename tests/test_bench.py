@@ -117,6 +117,18 @@ def test_the_learning_rate_grid_grows_past_its_top_only_while_the_top_is_best(gr
     assert tuning.chosen_factor(full, higher_is_better) == chosen
 
 
+def test_the_embedding_suite_is_clm_cipher_with_the_input_embedding_adapted_too():
+    from bench.tasks.clm import LLAMA_TARGETS, CausalLMTask
+
+    cipher, with_embedding = SUITES["clm-cipher"], SUITES["clm-cipher-emb"]
+    expected = replace(cipher, name="clm-cipher-emb", settings={**cipher.settings, "embeddings": True})
+    assert with_embedding == expected
+    task = CausalLMTask.__new__(CausalLMTask)  # targets() reads only the suite: no model or data loaded
+    for suite, extra in ((cipher, []), (with_embedding, ["embed_tokens"])):
+        task.suite = suite
+        assert task.targets() == LLAMA_TARGETS + extra
+
+
 def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
     from bench.peers import refuse_unfit
     from bench.tasks import suite_model

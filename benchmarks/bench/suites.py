@@ -104,6 +104,11 @@ SUITES: dict[str, Suite] = {
     # The same text in a new script (bench/transforms.py), pre-registered before any run: does the need for rank
     # concentrate where the model reads and writes? Each is the suite it derives from with the text rewritten.
     "clm-cipher": replace(_CLM_WIKI, name="clm-cipher", settings={"corpus": "wiki", "transform": "cipher"}),
+    # clm-cipher with the input embedding adapted too, in the same budget (pre-registered before any run): the
+    # ciphered words are new token sequences, so the need may sit in the embedding, one module unlike the rest
+    "clm-cipher-emb": replace(
+        _CLM_WIKI, name="clm-cipher-emb", settings={"corpus": "wiki", "transform": "cipher", "embeddings": True}
+    ),
     "glue-sst2-nospace": replace(_GLUE_SST2, name="glue-sst2-nospace", settings={"transform": "nospace"}),
     "glue-sst2-cipher": replace(_GLUE_SST2, name="glue-sst2-cipher", settings={"transform": "cipher"}),
     # The first runs, kept as measured: r=1 with min_r=0, where an allocation can only move rank by removing

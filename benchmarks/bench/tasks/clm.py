@@ -82,7 +82,8 @@ class CausalLMTask(Task):
         return AutoModelForCausalLM.from_pretrained(self.path)
 
     def targets(self) -> list[str]:
-        return LLAMA_TARGETS
+        # ``settings["embeddings"]``: the input embedding in the same budget as the linear modules
+        return LLAMA_TARGETS + (["embed_tokens"] if self.suite.settings.get("embeddings") else [])
 
     def loss(self, model, batch) -> Any:
         return model(input_ids=batch, labels=batch).loss
