@@ -15,43 +15,41 @@ Prints one line per suite and method: the correlations by seed and their mean.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scipy.stats import spearmanr  # noqa: E402
-
-from bench.methods import SHIPPED_DEFAULT, hindsight_ranks  # noqa: E402
-from bench.records import result_path  # noqa: E402
+from bench.methods import SHIPPED_DEFAULT  # noqa: E402
+from bench.records import final_ranks, load_results  # noqa: E402
+from bench.report import hindsight_runs  # noqa: E402
+from bench.stats import spearman  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
+from bench.tables import Results  # noqa: E402
+
+#: the ``--methods``-like name of uniform LoRA's final update energy
+LATE_READING = "lora end"
 
 
-def final_update_energy(record: dict, names: list[str]) -> list[float]:
-    """Each module's final update energy ``sum sigma^2`` per parameter of one rank (0 where it was not adapted)."""
-    spectra, costs = record["update_spectra"], record["rank_costs"]
-    return [sum(s * s for s in spectra.get(n, [])) / costs[n] for n in names]
+def final_update_energy(run: dict) -> dict[str, float]:
+    """Each module's final update energy ``sum sigma^2`` per parameter of one rank."""
+    return {
+        name: sum(s * s for s in spectrum) / run["rank_costs"][name] for name, spectrum in run["update_spectra"].items()
+    }
 
 
-def agreements(suite: str, method: str, seeds: list[int]) -> dict[int, float]:
-    """Spearman correlation with the hindsight ranks, per seed where both runs are committed with spectra."""
-    out = {}
-    for seed in seeds:
-        paths = (
-            result_path(suite, "lora-4x", seed),
-            result_path(suite, "lora" if method == "lora end" else method, seed),
-        )
-        if not all(p.is_file() for p in paths):
-            continue
-        four, run = (json.loads(p.read_text()) for p in paths)
-        if not four.get("update_spectra") or (method == "lora end" and not run.get("update_spectra")):
-            continue
-        hindsight = hindsight_ranks(SUITES[suite], four)
-        names = list(hindsight)
-        reading = final_update_energy(run, names) if method == "lora end" else [run["ranks"].get(n, 0) for n in names]
-        out[seed] = float(spearmanr(reading, [hindsight[n] for n in names])[0])
-    return out
+def agreements(suite: str, results: Results, method: str, seeds: list[int]) -> dict[int, float]:
+    """Spearman correlation with the hindsight ranks, per seed where both runs are committed (with spectra)."""
+    hindsight = hindsight_runs(SUITES[suite], results)
+    if method == LATE_READING:
+        runs = {
+            seed: final_update_energy(run) for seed, run in results.get("lora", {}).items() if run.get("update_spectra")
+        }
+    else:
+        runs = {seed: final_ranks(run) for seed, run in results.get(method, {}).items()}
+    return {
+        seed: spearman(hindsight[seed]["ranks"], runs[seed]) for seed in seeds if seed in hindsight and seed in runs
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
     args = parser.parse_args(argv)
     for suite in args.suite:
-        for method in ("lora end", *args.methods):
-            found = agreements(suite, method, args.seeds)
+        results = load_results(suite)
+        for method in (LATE_READING, *args.methods):
+            found = agreements(suite, results, method, args.seeds)
             if found:
                 by_seed = " ".join(f"s{seed} {rho:+.2f}" for seed, rho in found.items())
                 print(f"{suite} | {method} | {by_seed} | mean {sum(found.values()) / len(found):+.2f}")

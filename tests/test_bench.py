@@ -368,6 +368,7 @@ def test_report_of_some_suites_is_only_printed(results_tree):
 
 def test_hindsight_agreement_of_a_late_reading_and_of_ranks(results_tree, capsys):
     import hindsight_agreement
+    from bench.records import load_results
 
     four = json.loads((results_tree / "planted" / "lora-4x" / "seed0.json").read_text())
     hindsight = methods.hindsight_ranks(SUITES["planted"], four)
@@ -376,10 +377,11 @@ def test_hindsight_agreement_of_a_late_reading_and_of_ranks(results_tree, capsys
     for seed, sign in ((0, 1), (1, -1)):
         spectra = {name: [float(20 + sign * rank)] for name, rank in zip(MODULES, ordered)}
         amend(results_tree, "planted", "lora", seed, update_spectra=spectra, rank_costs=four["rank_costs"])
-    late = hindsight_agreement.agreements("planted", "lora end", [0, 1, 2])
+    results = load_results("planted")
+    late = hindsight_agreement.agreements("planted", results, hindsight_agreement.LATE_READING, [0, 1, 2])
     assert set(late) == {0, 1}  # seed 2's lora recorded no spectra
     assert late[0] == pytest.approx(1.0) and late[1] == pytest.approx(-1.0)
-    by_ranks = hindsight_agreement.agreements("planted", DEFAULT_RUN, [0, 1, 2])
+    by_ranks = hindsight_agreement.agreements("planted", results, DEFAULT_RUN, [0, 1, 2])
     assert set(by_ranks) == {0, 1, 2} and all(-1 <= rho <= 1 for rho in by_ranks.values())
     hindsight_agreement.main(["--suite", "planted", "--methods", DEFAULT_RUN, "--seeds", "0", "1"])
     lines = capsys.readouterr().out.splitlines()
