@@ -37,6 +37,7 @@ from bench.suites import SUITES  # noqa: E402
         ("calib-uniform-gradient", Method("calib-uniform-gradient", "calib", "uniform", "gradient")),
         ("prune-shuffled-random", Method("prune-shuffled-random", "prune", "shuffled", "random")),
         ("fixed-hindsight-random", Method("fixed-hindsight-random", "fixed", "hindsight", "random")),
+        ("fixed-embedmin-random", Method("fixed-embedmin-random", "fixed", "embedmin", "random")),
         ("adalora", Method("adalora", "adalora")),
         ("eva", Method("eva", "eva", eva_rho=2.0)),
         ("eva-rho1", Method("eva-rho1", "eva", eva_rho=1.0)),
@@ -117,16 +118,16 @@ def test_the_learning_rate_grid_grows_past_its_top_only_while_the_top_is_best(gr
     assert tuning.chosen_factor(full, higher_is_better) == chosen
 
 
-def test_the_embedding_suite_is_clm_cipher_with_the_input_embedding_adapted_too():
+def test_the_embedding_suites_are_their_text_suites_with_the_input_embedding_adapted_too():
     from bench.tasks.clm import LLAMA_TARGETS, CausalLMTask
 
-    cipher, with_embedding = SUITES["clm-cipher"], SUITES["clm-cipher-emb"]
-    expected = replace(cipher, name="clm-cipher-emb", settings={**cipher.settings, "embeddings": True})
-    assert with_embedding == expected
     task = CausalLMTask.__new__(CausalLMTask)  # targets() reads only the suite: no model or data loaded
-    for suite, extra in ((cipher, []), (with_embedding, ["embed_tokens"])):
-        task.suite = suite
-        assert task.targets() == LLAMA_TARGETS + extra
+    for plain, name in (("clm-cipher", "clm-cipher-emb"), ("clm-wiki", "clm-wiki-emb")):
+        expected = replace(SUITES[plain], name=name, settings={**SUITES[plain].settings, "embeddings": True})
+        assert SUITES[name] == expected
+        for suite, extra in ((SUITES[plain], []), (SUITES[name], ["embed_tokens"])):
+            task.suite = suite
+            assert task.targets() == LLAMA_TARGETS + extra
 
 
 def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
@@ -149,7 +150,7 @@ def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
         ("warm-nonsense-random", "with <alloc> in"),
         ("warm-norms-sideways", "<growth>/<init> in"),
         ("warm-uniform-random", "warm-uniform-\\* would be plain LoRA: use lora"),
-        ("fixed-hindsight-gradient", "or fixed-hindsight-random"),
+        ("fixed-hindsight-gradient", "fixed-hindsight-random or fixed-embedmin-random"),
         ("warm-norms-random+x3", "the suffixes are \\+s<signal steps>"),
         ("warm-norms-random+max0r", "K >= 1"),
         ("adalora+s5", "\\+lr<k>x \\(the learning rate times k"),
@@ -247,6 +248,18 @@ def test_hindsight_ranks_from_a_hand_made_spectra_record():
     assert methods.hindsight_ranks(suite, source) == {"layer.0.a": 3, "layer.0.b": 1}
     with pytest.raises(SystemExit, match="ran before runs recorded update spectra"):
         methods.hindsight_ranks(suite, {**source, "update_spectra": None})
+
+
+def test_embedding_min_ranks_gives_what_the_embedding_frees_to_the_other_modules_evenly():
+    costs = {"embed": 100, "a": 10, "b": 10, "c": 25}
+    ranks = methods.embedding_min_ranks(costs, {"embed"}, r=2, min_r=1, seed=0)
+    # 100 freed: a, b, c one rank each (45), again (90), then the 10 left fits one more rank of a or b
+    assert ranks["embed"] == 1 and ranks["c"] == 4 and sorted([ranks["a"], ranks["b"]]) == [4, 5]
+    assert sum(costs[n] * ranks[n] for n in costs) == 2 * sum(costs.values())
+    winners = {max("ab", key=methods.embedding_min_ranks(costs, {"embed"}, 2, 1, seed).get) for seed in range(8)}
+    assert winners == {"a", "b"}  # the seed decides which module gets the odd rank
+    with pytest.raises(SystemExit, match="adapts no embedding"):
+        methods.embedding_min_ranks(costs, set(), r=2, min_r=1, seed=0)
 
 
 def test_module_layer():

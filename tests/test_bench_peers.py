@@ -132,6 +132,36 @@ def test_full_fine_tuning_refuses_smollm2_suites():
         build(parse_method("full"), task, task.base_model())
 
 
+class TinyEmbeddingTask(TinyTask):
+    """The same with the input embedding in the budget (as ``clm-cipher-emb``): 128 + 32 parameters per rank."""
+
+    def targets(self) -> list[str]:
+        return [*TARGETS, "embed_tokens"]
+
+
+def test_the_hand_rule_takes_rank_out_of_the_embedding_and_peft_refuses_or_skips_it(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("PEFT_ADAPTIVE_ALLOCATION_RESULTS", str(tmp_path))
+    task = TinyEmbeddingTask(SUITE)
+    lora = runner.run_one(SUITE.name, "lora", 0, calib_batches=2, task=task)
+    (tmp_path / "tiny" / "lora").mkdir(parents=True)
+    (tmp_path / "tiny" / "lora" / "seed0.json").write_text(json.dumps(lora))
+    assert lora["rank_costs"]["model.embed_tokens"] == VOCAB + 32
+
+    hand = runner.run_one(SUITE.name, "fixed-embedmin-random", 0, calib_batches=2, task=task)
+    ranks = hand["ranks"]
+    assert ranks["model.embed_tokens"] == SUITE.min_r == 1
+    # the 160 freed parameters: one more rank on two of the eight 64-parameter modules, 32 left over
+    assert sorted(rank for name, rank in ranks.items() if "embed" not in name) == [2] * 6 + [3] * 2
+    assert lora["adapter_params"] - 64 < hand["adapter_params"] <= lora["adapter_params"]
+
+    with pytest.raises(ValueError, match="Target module Embedding.* is not supported"):
+        build(parse_method("adalora"), task, task.base_model())  # PEFT's AdaLoRA adapts linear layers only
+    eva = runner.run_one(SUITE.name, "eva", 0, calib_batches=2, task=task)
+    assert eva["ranks"]["model.embed_tokens"] == SUITE.r  # EVA leaves it at r (PEFT's usual init), outside its split
+
+
 def test_adalora_orth_reg_equals_what_peft_adds():
     """On a model that returns a loss, PEFT's ``AdaLoraModel.forward`` adds ``orth_reg_weight * adalora_orth_reg``;
     a ``PeftModel`` without a task type (every method in the harness) goes past it, so the runner adds it."""

@@ -26,6 +26,9 @@ run) of the same seed ended with (run that first), which separates the allocatio
 it needed, from the singular values of its learned updates at the end (run that first). It is what a score could
 get by knowing in advance where a 4x adapter ends up using its extra rank. Every run records those singular values
 (``update_spectra``), so the report can also say how well a score's allocation agrees with them.
+``fixed-embedmin-random`` is the hand rule for a budget that holds embeddings (``embedding_min_ranks``): plain LoRA
+from step 0 with every embedding at ``min_r`` and the parameters that frees spread over the other modules, one rank
+each in a seeded random order, on the modules of the same seed's ``lora`` run (run that first).
 
 Peers, at the same final budget (their wiring: ``bench/peers.py``): ``adalora`` (PEFT's AdaLoRA, ``init_r`` =
 ceil(1.5 r) pruned to ``target_r`` = r by its own schedule), ``eva`` (PEFT's EVA, ``rho=2``: ranks redistributed up
@@ -92,7 +95,7 @@ FULL_LR = 5e-5
 class Method:
     name: str
     kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default | adalora | eva | full
-    allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled" or "hindsight" (fixed only)
+    allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled"; "hindsight", "embedmin" (fixed)
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
@@ -187,14 +190,14 @@ def _parse_adaptive(name: str, spec: str) -> Method:
     allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
     allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
     kinds = (*SIGNAL_STEP_KINDS, "calib", "fixed")
-    if kind == "fixed" and allocation == "hindsight" and growth == "random":
+    if kind == "fixed" and allocation in ("hindsight", "embedmin") and growth == "random":
         return Method(name, kind, allocation, growth)
     if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
             f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, adalora, eva, eva-rho1, "
             "full, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
             f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
-            f"('gradient', 'random'), or fixed-hindsight-random; {SUFFIX_GRAMMAR}"
+            f"('gradient', 'random'), fixed-hindsight-random or fixed-embedmin-random; {SUFFIX_GRAMMAR}"
         )
     if kind in (*SIGNAL_STEP_KINDS, "fixed") and allocation == "uniform":
         raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
@@ -281,6 +284,25 @@ def hindsight_ranks(suite: Suite, source: dict) -> dict[str, int]:
     return dict(zip(names, allocation.ranks))
 
 
+def embedding_min_ranks(costs: dict[str, int], embeddings: set[str], r: int, min_r: int, seed: int) -> dict[str, int]:
+    """The hand rule for a budget that holds embeddings: each embedding at ``min_r``, every other module at ``r``,
+    and the parameters the embeddings free (``costs``: per rank) given back one rank at a time to the other modules
+    in a seeded random order, round after round, until no module's rank fits: as uniform as integer ranks allow,
+    within one module's cost of uniform LoRA's budget at ``r``."""
+    if not embeddings:
+        raise SystemExit("fixed-embedmin-random: the suite adapts no embedding, so it would be plain LoRA: use lora")
+    ranks = {name: min_r if name in embeddings else r for name in costs}
+    freed = sum(costs[name] * (r - min_r) for name in embeddings)
+    others = sorted(name for name in costs if name not in embeddings)
+    random.Random(seed).shuffle(others)
+    while any(costs[name] <= freed for name in others):
+        for name in others:
+            if costs[name] <= freed:
+                ranks[name] += 1
+                freed -= costs[name]
+    return ranks
+
+
 def lora_at_ranks(model, suite: Suite, ranks: dict[str, int]):
     """PEFT's LoraConfig adapting exactly the named modules at the given ranks (rank 0: not adapted)."""
     from peft import LoraConfig, get_peft_model
@@ -317,6 +339,12 @@ def build(method: Method, task: Task, model, seed: int = 0):
     if method.kind == "fixed" and method.allocation == "hindsight":
         source = source_run(suite.name, "lora-4x", seed, user=method.name)
         return lora_at_ranks(model, suite, hindsight_ranks(suite, source))
+    if method.kind == "fixed" and method.allocation == "embedmin":
+        from torch import nn
+
+        costs = source_run(suite.name, "lora", seed, user=method.name)["rank_costs"]
+        embeddings = {name for name in costs if isinstance(model.get_submodule(name), nn.Embedding)}
+        return lora_at_ranks(model, suite, embedding_min_ranks(costs, embeddings, suite.r, suite.min_r, seed))
     if method.kind == "fixed":
         # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
         # with, to separate the allocation's quality from the cost of changing ranks mid-training

@@ -109,6 +109,9 @@ SUITES: dict[str, Suite] = {
     "clm-cipher-emb": replace(
         _CLM_WIKI, name="clm-cipher-emb", settings={"corpus": "wiki", "transform": "cipher", "embeddings": True}
     ),
+    # the same on the plain (unciphered) text, pre-registered before any run: is taking rank out of the embedding
+    # (what the default does on clm-cipher-emb) a property of the new script or of any budget that holds an embedding?
+    "clm-wiki-emb": replace(_CLM_WIKI, name="clm-wiki-emb", settings={"corpus": "wiki", "embeddings": True}),
     "glue-sst2-nospace": replace(_GLUE_SST2, name="glue-sst2-nospace", settings={"transform": "nospace"}),
     "glue-sst2-cipher": replace(_GLUE_SST2, name="glue-sst2-cipher", settings={"transform": "cipher"}),
     # The first runs, kept as measured: r=1 with min_r=0, where an allocation can only move rank by removing
