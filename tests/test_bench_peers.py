@@ -15,8 +15,9 @@ from .tiny_models import VOCAB, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench import peers, runner  # noqa: E402
+from bench import common, peers, runner  # noqa: E402
 from bench.methods import SHIPPED_DEFAULT, build, parse_method  # noqa: E402
+from bench.records import result_path  # noqa: E402
 from bench.suites import Suite  # noqa: E402
 from bench.tasks import Task  # noqa: E402
 
@@ -140,13 +141,10 @@ class TinyEmbeddingTask(TinyTask):
 
 
 def test_the_hand_rule_takes_rank_out_of_the_embedding_and_peft_refuses_or_skips_it(tmp_path, monkeypatch):
-    import json
-
     monkeypatch.setenv("PEFT_ADAPTIVE_ALLOCATION_RESULTS", str(tmp_path))
     task = TinyEmbeddingTask(SUITE)
     lora = runner.run_one(SUITE.name, "lora", 0, calib_batches=2, task=task)
-    (tmp_path / "tiny" / "lora").mkdir(parents=True)
-    (tmp_path / "tiny" / "lora" / "seed0.json").write_text(json.dumps(lora))
+    common.write_json(result_path(SUITE.name, "lora", 0), lora)  # where the hand rule reads its modules from
     assert lora["rank_costs"]["model.embed_tokens"] == VOCAB + 32
 
     hand = runner.run_one(SUITE.name, "fixed-embedmin-random", 0, calib_batches=2, task=task)
