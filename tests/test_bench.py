@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench import family, methods, report, stats, tuning  # noqa: E402
+from bench import family, methods, report, stats, suites, tuning  # noqa: E402
 from bench.methods import DEFAULT_RUN, SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START, Method, parse_method  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 
@@ -370,6 +370,15 @@ def test_report_renders_a_fake_results_tree(results_tree):
         "last third of the layers) 4.00, 4.00, 4.00; seed agreement (mean Spearman correlation of the module ranks "
         "between two seeds) 1.00",
     ]
+
+
+def test_report_names_the_retired_suites_and_why(results_tree):
+    write(results_tree, [record("lora", seed, 0.03, [2] * 6, suite="distill") for seed in range(2)])
+    summary = section(report.report(), "Summary: is there something to find?")
+    distill = next(line for line in summary if line.startswith("| distill |"))
+    assert distill.split(" | ")[2:4] == ["–", "–"]  # no calibration: its missing checks are explained below
+    assert summary[-2] == f"Retired suites, kept as measured and not calibrated: distill ({suites.RETIRED['distill']})."
+    assert not any("clm-r1" in line for line in summary)  # only retired suites that have runs are named
 
 
 def test_report_of_some_suites_is_only_printed(results_tree):

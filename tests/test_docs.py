@@ -155,6 +155,19 @@ def test_usage_calibration():
     assert held_by(namespace["optimizer"]) == trainable(model)
 
 
+@runs(USAGE, "With the embedding in the budget")
+def test_usage_embedding_in_the_budget():
+    namespace = run(python_blocks(USAGE, "With the embedding in the budget"), {"base_model": tiny_llama()})
+    tuner = namespace["model"].base_model
+    modules = tuner.adapted_modules()
+    embedding = modules["model.embed_tokens"].get_base_layer()
+    assert isinstance(embedding, torch.nn.Embedding) and len(modules) == 1 + 7 * 2
+    # the budget counts one rank of each module at its own cost: the embedding's is num_embeddings + embedding_dim
+    costs = {name: layer.in_features + layer.out_features for name, layer in modules.items()}
+    assert costs["model.embed_tokens"] == embedding.num_embeddings + embedding.embedding_dim
+    assert tuner.param_budget() == tuner.adapter_param_count() == 4 * sum(costs.values())
+
+
 @runs(USAGE, "Explicit ranks")
 def test_usage_explicit_ranks():
     model = get_peft_model(tiny_llama(), AdaptiveLoraConfig(r=8, target_modules="all-linear"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START
 from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
-from .suites import SUITES
+from .suites import RETIRED, SUITES
 from .tables import CROSSES_MACHINES_NOTE, PEER_COLUMNS, Results, diff_cell, machines_mark, markdown_table, share_cell
 
 RANK_BINDS, CAN_PAY = "lora-4x", "fixed-hindsight-random"
@@ -82,7 +82,14 @@ def calibration_summary(tree: Tree) -> list[str]:
         "",
         CROSSES_MACHINES_NOTE,
         "",
+        *retired_note(tree),
     ]
+
+
+def retired_note(tree: Tree) -> list[str]:
+    """Why some suites in the summary have no checks: retired, kept as measured (``suites.RETIRED``)."""
+    retired = [f"{name} ({RETIRED[name]})" for name in tree if name in RETIRED]
+    return [f"Retired suites, kept as measured and not calibrated: {'; '.join(retired)}.", ""] if retired else []
 
 
 # --- peers -------------------------------------------------------------------------------------------------
