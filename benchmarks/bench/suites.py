@@ -129,8 +129,8 @@ SUITES: dict[str, Suite] = {
 #: Suites kept as measured but no longer run: the report's calibration summary names them with the reason instead
 #: of leaving their missing checks unexplained.
 RETIRED: dict[str, str] = {
-    "distill": "superseded by distill-pinv (its read-out cannot be rebuilt on another machine, its lora-4x runs "
-    "hold no update spectra for a hindsight allocation)",
+    "distill": "superseded by distill-pinv: its read-out cannot be rebuilt on another machine, and its lora-4x runs "
+    "hold no update spectra for a hindsight allocation",
     "distill-lr5e-3": "the same read-out as distill",
     "clm-r1": "the first runs, r=1 with min_r=0, one seed",
     "glue-sst2-r1": "the first runs, r=1 with min_r=0, one seed",
