@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -38,6 +39,10 @@ from bench.suites import SUITES  # noqa: E402
         ("prune-shuffled-random", Method("prune-shuffled-random", "prune", "shuffled", "random")),
         ("fixed-hindsight-random", Method("fixed-hindsight-random", "fixed", "hindsight", "random")),
         ("fixed-embedmin-random", Method("fixed-embedmin-random", "fixed", "embedmin", "random")),
+        (
+            "fixed-embedmin_hindsight-random",
+            Method("fixed-embedmin_hindsight-random", "fixed", "embedmin_hindsight", "random"),
+        ),
         ("adalora", Method("adalora", "adalora")),
         ("eva", Method("eva", "eva", eva_rho=2.0)),
         ("eva-rho1", Method("eva-rho1", "eva", eva_rho=1.0)),
@@ -150,7 +155,10 @@ def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
         ("warm-nonsense-random", "with <alloc> in"),
         ("warm-norms-sideways", "<growth>/<init> in"),
         ("warm-uniform-random", "warm-uniform-\\* would be plain LoRA: use lora"),
-        ("fixed-hindsight-gradient", "fixed-hindsight-random or fixed-embedmin-random"),
+        (
+            "fixed-hindsight-gradient",
+            "fixed-hindsight-random, fixed-embedmin-random or fixed-embedmin_hindsight-random",
+        ),
         ("warm-norms-random+x3", "the suffixes are \\+s<signal steps>"),
         ("warm-norms-random+max0r", "K >= 1"),
         ("adalora+s5", "\\+lr<k>x \\(the learning rate times k"),
@@ -248,6 +256,10 @@ def test_hindsight_ranks_from_a_hand_made_spectra_record():
     assert methods.hindsight_ranks(suite, source) == {"layer.0.a": 3, "layer.0.b": 1}
     with pytest.raises(SystemExit, match="ran before runs recorded update spectra"):
         methods.hindsight_ranks(suite, {**source, "update_spectra": None})
+    # a held module keeps its rank outside the rule and the others share what is left: b held at 0, a takes the
+    # whole 400 (the rule spends the budget); b held at 2 (200), a gets the other 200 although b's energies are lower
+    assert methods.hindsight_ranks(suite, source, held={"layer.0.b": 0}) == {"layer.0.a": 4, "layer.0.b": 0}
+    assert methods.hindsight_ranks(suite, source, held={"layer.0.b": 2}) == {"layer.0.a": 2, "layer.0.b": 2}
 
 
 def test_embedding_min_ranks_gives_what_the_embedding_frees_to_the_other_modules_evenly():
@@ -258,8 +270,10 @@ def test_embedding_min_ranks_gives_what_the_embedding_frees_to_the_other_modules
     assert sum(costs[n] * ranks[n] for n in costs) == 2 * sum(costs.values())
     winners = {max("ab", key=methods.embedding_min_ranks(costs, {"embed"}, 2, 1, seed).get) for seed in range(8)}
     assert winners == {"a", "b"}  # the seed decides which module gets the odd rank
-    with pytest.raises(SystemExit, match="adapts no embedding"):
-        methods.embedding_min_ranks(costs, set(), r=2, min_r=1, seed=0)
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(4, 2), "a": torch.nn.Linear(2, 2)})
+    assert methods.embedding_names(model, ["embed", "a"], "fixed-embedmin-random") == {"embed"}
+    with pytest.raises(SystemExit, match="fixed-embedmin-random: the suite adapts no embedding"):
+        methods.embedding_names(model, ["a"], "fixed-embedmin-random")
 
 
 def test_module_layer():

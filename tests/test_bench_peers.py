@@ -16,7 +16,7 @@ from .tiny_models import VOCAB, tiny_llama
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from bench import common, peers, runner  # noqa: E402
-from bench.methods import SHIPPED_DEFAULT, build, parse_method  # noqa: E402
+from bench.methods import SHIPPED_DEFAULT, build, hindsight_ranks, parse_method  # noqa: E402
 from bench.records import result_path  # noqa: E402
 from bench.suites import Suite  # noqa: E402
 from bench.tasks import Task  # noqa: E402
@@ -140,7 +140,7 @@ class TinyEmbeddingTask(TinyTask):
         return [*TARGETS, "embed_tokens"]
 
 
-def test_the_hand_rule_takes_rank_out_of_the_embedding_and_peft_refuses_or_skips_it(tmp_path, monkeypatch):
+def test_the_embedding_rules_hold_it_at_min_r_and_peft_refuses_or_skips_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_ADAPTIVE_ALLOCATION_RESULTS", str(tmp_path))
     task = TinyEmbeddingTask(SUITE)
     lora = runner.run_one(SUITE.name, "lora", 0, calib_batches=2, task=task)
@@ -153,6 +153,14 @@ def test_the_hand_rule_takes_rank_out_of_the_embedding_and_peft_refuses_or_skips
     # the 160 freed parameters: one more rank on two of the eight 64-parameter modules, 32 left over
     assert sorted(rank for name, rank in ranks.items() if "embed" not in name) == [2] * 6 + [3] * 2
     assert lora["adapter_params"] - 64 < hand["adapter_params"] <= lora["adapter_params"]
+
+    # check 2 for such a budget: the embedding held at min_r, the rest split by lora-4x's update spectra
+    wide = runner.run_one(SUITE.name, "lora-4x", 0, calib_batches=2, task=task)
+    common.write_json(result_path(SUITE.name, "lora-4x", 0), wide)
+    held = runner.run_one(SUITE.name, "fixed-embedmin_hindsight-random", 0, calib_batches=2, task=task)
+    assert held["ranks"] == hindsight_ranks(SUITE, wide, {"model.embed_tokens": 1})
+    assert held["ranks"]["model.embed_tokens"] == 1
+    assert lora["adapter_params"] - 64 < held["adapter_params"] <= lora["adapter_params"]
 
     with pytest.raises(ValueError, match="Target module Embedding.* is not supported"):
         build(parse_method("adalora"), task, task.base_model())  # PEFT's AdaLoRA adapts linear layers only

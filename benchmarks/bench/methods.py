@@ -29,6 +29,9 @@ get by knowing in advance where a 4x adapter ends up using its extra rank. Every
 ``fixed-embedmin-random`` is the hand rule for a budget that holds embeddings (``embedding_min_ranks``): plain LoRA
 from step 0 with every embedding at ``min_r`` and the parameters that frees spread over the other modules, one rank
 each in a seeded random order, on the modules of the same seed's ``lora`` run (run that first).
+``fixed-embedmin_hindsight-random`` is check 2 for such a budget: every embedding at ``min_r`` as in the hand rule,
+the rest of the budget split over the other modules by the hindsight rule (the same seed's ``lora-4x``), since
+that rule prices an embedding's large update as if it were a loss decrease and gives it ``max_r``.
 
 Peers, at the same final budget (their wiring: ``bench/peers.py``): ``adalora`` (PEFT's AdaLoRA, ``init_r`` =
 ceil(1.5 r) pruned to ``target_r`` = r by its own schedule), ``eva`` (PEFT's EVA, ``rho=2``: ranks redistributed up
@@ -95,7 +98,7 @@ FULL_LR = 5e-5
 class Method:
     name: str
     kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default | adalora | eva | full
-    allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled"; "hindsight", "embedmin" (fixed)
+    allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled"; or, fixed only, FIXED_RULES
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
@@ -107,6 +110,10 @@ class Method:
     resize_scaling: str = "keep"  # AdaptiveLoraConfig.resize_scaling (``...+rankscale``: "rank")
     min_predicted_gain: float = 0.0  # AdaptiveLoraConfig.min_predicted_gain (``...+gate<g>``, e.g. +gate1.02)
 
+
+# the fixed-* allocations that read another run's record instead of a score's run: hindsight (lora-4x's update
+# spectra), the embedding hand rule (lora's modules and costs), and the two combined
+FIXED_RULES = ("hindsight", "embedmin", "embedmin_hindsight")
 
 # kinds that train signal steps and reallocate in place (``+s<N>`` sets their number of signal steps)
 SIGNAL_STEP_KINDS = ("warm", "grow", "prune")
@@ -190,14 +197,15 @@ def _parse_adaptive(name: str, spec: str) -> Method:
     allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
     allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
     kinds = (*SIGNAL_STEP_KINDS, "calib", "fixed")
-    if kind == "fixed" and allocation in ("hindsight", "embedmin") and growth == "random":
+    if kind == "fixed" and allocation in FIXED_RULES and growth == "random":
         return Method(name, kind, allocation, growth)
     if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
         raise SystemExit(
             f"unknown method {name!r}: lora, lora-<k>x, adaptive, adaptive-<score>, oracle, adalora, eva, eva-rho1, "
             "full, warm-<alloc>-<growth>, grow-<alloc>-<growth>, prune-<alloc>-<growth>, "
             f"fixed-<alloc>-<growth> or calib-<alloc>-<init> with <alloc> in {allowed} and <growth>/<init> in "
-            f"('gradient', 'random'), fixed-hindsight-random or fixed-embedmin-random; {SUFFIX_GRAMMAR}"
+            f"('gradient', 'random'), fixed-hindsight-random, fixed-embedmin-random or fixed-embedmin_hindsight-random; "
+            f"{SUFFIX_GRAMMAR}"
         )
     if kind in (*SIGNAL_STEP_KINDS, "fixed") and allocation == "uniform":
         raise SystemExit(f"{kind}-uniform-* would be plain LoRA: use lora")
@@ -267,21 +275,34 @@ def fixed_ranks(suite: str, method: Method, seed: int) -> dict[str, int]:
     return source_ranks(suite, source, seed, user=method.name)
 
 
-def hindsight_ranks(suite: Suite, source: dict) -> dict[str, int]:
+def hindsight_ranks(suite: Suite, source: dict, held: dict[str, int] | None = None) -> dict[str, int]:
     """Ranks at uniform LoRA's budget at ``r`` from what a ``lora-4x`` run learned (``source``, its JSON): the
     package's rule for spectra (one global threshold on ``sigma^2`` per parameter, ``min_r``..``max_r``) applied to
     the singular values of each module's final update ``s B A``. Where a 4x adapter puts energy beyond rank ``r``
-    is where it used the extra rank, so these are the ranks a score would pick if it could see the end of training."""
+    is where it used the extra rank, so these are the ranks a score would pick if it could see the end of training.
+    ``held``: modules kept at the given ranks, outside the rule; the rest of the budget goes to the others."""
     from peft_adaptive.allocation import allocate_by_spectrum
 
     spectra, costs = source.get("update_spectra"), source.get("rank_costs")
     if not spectra or not costs:
         raise SystemExit(f"{source['suite']} lora-4x seed {source['seed']} ran before runs recorded update spectra")
-    names = list(spectra)  # module order, as the run recorded them
+    held = held or {}
+    budget = suite.r * sum(costs[n] for n in spectra) - sum(costs[n] * rank for n, rank in held.items())
+    names = [n for n in spectra if n not in held]  # module order, as the run recorded them
     cost_list = [costs[n] for n in names]
     energies = [[v * v for v in spectra[n]] for n in names]
-    allocation = allocate_by_spectrum(energies, cost_list, suite.r * sum(cost_list), suite.min_r, suite.max_r)
-    return dict(zip(names, allocation.ranks))
+    allocation = allocate_by_spectrum(energies, cost_list, budget, suite.min_r, suite.max_r)
+    return {**dict(zip(names, allocation.ranks)), **held}
+
+
+def embedding_names(model, names, user: str) -> set[str]:
+    """The ``nn.Embedding`` modules among ``names`` (module paths in ``model``); none: ``user`` would be plain LoRA."""
+    from torch import nn
+
+    embeddings = {name for name in names if isinstance(model.get_submodule(name), nn.Embedding)}
+    if not embeddings:
+        raise SystemExit(f"{user}: the suite adapts no embedding, so its embedding rule has nothing to hold")
+    return embeddings
 
 
 def embedding_min_ranks(costs: dict[str, int], embeddings: set[str], r: int, min_r: int, seed: int) -> dict[str, int]:
@@ -289,8 +310,6 @@ def embedding_min_ranks(costs: dict[str, int], embeddings: set[str], r: int, min
     and the parameters the embeddings free (``costs``: per rank) given back one rank at a time to the other modules
     in a seeded random order, round after round, until no module's rank fits: as uniform as integer ranks allow,
     within one module's cost of uniform LoRA's budget at ``r``."""
-    if not embeddings:
-        raise SystemExit("fixed-embedmin-random: the suite adapts no embedding, so it would be plain LoRA: use lora")
     ranks = {name: min_r if name in embeddings else r for name in costs}
     freed = sum(costs[name] * (r - min_r) for name in embeddings)
     others = sorted(name for name in costs if name not in embeddings)
@@ -336,14 +355,15 @@ def build(method: Method, task: Task, model, seed: int = 0):
         return get_peft_model(
             model, LoraConfig(r=suite.r * method.rank_factor, lora_alpha=suite.lora_alpha, **common_kwargs)
         )
-    if method.kind == "fixed" and method.allocation == "hindsight":
+    if method.kind == "fixed" and method.allocation in ("hindsight", "embedmin_hindsight"):
         source = source_run(suite.name, "lora-4x", seed, user=method.name)
-        return lora_at_ranks(model, suite, hindsight_ranks(suite, source))
+        held = {}
+        if method.allocation == "embedmin_hindsight":
+            held = dict.fromkeys(embedding_names(model, source["rank_costs"], method.name), suite.min_r)
+        return lora_at_ranks(model, suite, hindsight_ranks(suite, source, held))
     if method.kind == "fixed" and method.allocation == "embedmin":
-        from torch import nn
-
         costs = source_run(suite.name, "lora", seed, user=method.name)["rank_costs"]
-        embeddings = {name for name in costs if isinstance(model.get_submodule(name), nn.Embedding)}
+        embeddings = embedding_names(model, costs, method.name)
         return lora_at_ranks(model, suite, embedding_min_ranks(costs, embeddings, suite.r, suite.min_r, seed))
     if method.kind == "fixed":
         # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
