@@ -395,6 +395,28 @@ def test_report_names_the_retired_suites_and_why(results_tree):
     assert not any("clm-r1" in line for line in summary)  # only retired suites that have runs are named
 
 
+def test_report_has_check_2_prime_where_the_embedding_held_runs_exist(results_tree):
+    summary = section(report.report(), "Summary: is there something to find?")
+    assert not any(line.startswith("Check 2′") for line in summary)  # not run on any suite: no table
+    # hindsight′ - hand rule 0.05, 0.06, 0.04; the default - hand rule 0.04, 0.03, 0.02. Fieller's a, b, c =
+    # 0.0018829, 0.0011914, 0.0002829: roots 0.13, 1.13 around 0.03 / 0.05
+    for seed, (hand, gain, default) in enumerate([(0.11, 0.05, 0.04), (0.13, 0.06, 0.03), (0.12, 0.04, 0.02)]):
+        write(results_tree, [record("fixed-embedmin-random", seed, hand, [4] * 6)])
+        write(results_tree, [record("fixed-embedmin_hindsight-random", seed, hand + gain, [4] * 6)])
+        write(results_tree, [record(SHIPPED_DEFAULT, seed, hand + default, [4] * 6)])
+    summary = section(report.report(), "Summary: is there something to find?")
+    check = next(i for i, line in enumerate(summary) if line.startswith("Check 2′, for budgets that hold an embedding"))
+    assert summary[check + 1 : check + 5] == [
+        "",
+        "| suite | metric | check 2′, placement among the linear modules can pay: fixed-embedmin_hindsight-random "
+        "− fixed-embedmin-random | the default − fixed-embedmin-random | passes | default's captured share of that "
+        "gain |",
+        "|---|---|---|---|---|---|",
+        "| planted | `gap_closed` | +0.0500 ± 0.0248 (3/3 seeds better): **better** | +0.0300 ± 0.0248 (3/3 seeds "
+        "better): **better** | ✓ | 0.60, 95% [0.13, 1.13] (3 seeds) |",
+    ]
+
+
 def test_report_of_some_suites_is_only_printed(results_tree):
     text = report.report(["planted", "clm"])
     assert not (results_tree / "report.md").exists()

@@ -7,6 +7,11 @@ The rules are the pre-registered ones (benchmarks/RESULTS.md, "Where does alloca
 ``fixed-hindsight-random - lora`` better outside it; on a suite passing both, the shipped default's captured share
 ``mean(default - lora) / mean(hindsight - lora)`` over the seeds all three have, with its 95% Fieller interval.
 A last column, a reference and not a check, shows where it was run the default's own ranks trained from step 0.
+
+Check 2′, registered for budgets that hold an embedding (RESULTS.md, "with the embedding held at min_r"), where
+check 2's rule misprices the embedding: ``fixed-embedmin_hindsight-random - fixed-embedmin-random`` (hindsight over
+the linear modules against the hand rule, the embedding at ``min_r`` in both) better outside the interval; where it
+passes, the default's share of that gain, ``mean(default - hand rule) / mean(hindsight′ - hand rule)``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from .suites import RETIRED, SUITES
 from .tables import CROSSES_MACHINES_NOTE, PEER_COLUMNS, Results, diff_cell, machines_mark, markdown_table, share_cell
 
 RANK_BINDS, CAN_PAY = "lora-4x", "fixed-hindsight-random"
+HAND_RULE, CAN_PAY_EMBEDDING_HELD = "fixed-embedmin-random", "fixed-embedmin_hindsight-random"  # check 2′
 Tree = dict[str, Results]  # {suite: its results}, the suites an overview covers
 
 
@@ -28,11 +34,14 @@ def overview_suites(tree: Tree) -> Tree:
 # --- calibrations ------------------------------------------------------------------------------------------
 
 
-def captured_share(results: Results, metric: str) -> tuple[float, float | None, float | None, int] | None:
-    """The default's share of the hindsight gain with its Fieller interval, and the seeds it is over."""
-    lora = results.get("lora", {})
-    default = paired_differences(results.get(SHIPPED_DEFAULT, {}), lora, metric)
-    hindsight = paired_differences(results.get(CAN_PAY, {}), lora, metric)
+def captured_share(
+    results: Results, metric: str, hindsight_method: str = CAN_PAY, baseline: str = "lora"
+) -> tuple[float, float | None, float | None, int] | None:
+    """The default's share of the hindsight gain over ``baseline`` with its Fieller interval, and the seeds it is
+    over."""
+    base = results.get(baseline, {})
+    default = paired_differences(results.get(SHIPPED_DEFAULT, {}), base, metric)
+    hindsight = paired_differences(results.get(hindsight_method, {}), base, metric)
     seeds = sorted(set(default) & set(hindsight))
     ratio = fieller([default[s] for s in seeds], [hindsight[s] for s in seeds])
     return None if ratio is None else (*ratio, len(seeds))
@@ -83,6 +92,44 @@ def calibration_summary(tree: Tree) -> list[str]:
         CROSSES_MACHINES_NOTE,
         "",
         *retired_note(tree),
+        *embedding_held_summary(tree),
+    ]
+
+
+def embedding_held_summary(tree: Tree) -> list[str]:
+    """Check 2′ on the suites where it was run (budgets that hold an embedding), against the hand rule."""
+    rows = []
+    for name, results in tree.items():
+        if CAN_PAY_EMBEDDING_HELD not in results or HAND_RULE not in results:
+            continue
+        suite, hand = SUITES[name], results[HAND_RULE]
+        can_pay, default = (
+            paired(results[method], hand, suite.metric) if method in results else None
+            for method in (CAN_PAY_EMBEDDING_HELD, SHIPPED_DEFAULT)
+        )
+        passes = is_better(can_pay, suite.higher_is_better)
+        share = captured_share(results, suite.metric, CAN_PAY_EMBEDDING_HELD, HAND_RULE) if passes else None
+        cells = (verdict(diff, suite.higher_is_better) if diff else "–" for diff in (can_pay, default))
+        rows.append([name, f"`{suite.metric}`", *cells, "✓" if passes else "", share_cell(share)])
+    if not rows:
+        return []
+    header = [
+        "suite",
+        "metric",
+        f"check 2′, placement among the linear modules can pay: {CAN_PAY_EMBEDDING_HELD} − {HAND_RULE}",
+        f"the default − {HAND_RULE}",
+        "passes",
+        "default's captured share of that gain",
+    ]
+    return [
+        "Check 2′, for budgets that hold an embedding, where check 2 misprices it (its rule gives the embedding the "
+        f"most rank; pre-registered in benchmarks/RESULTS.md): against the hand rule (`{HAND_RULE}`: the embedding "
+        "at min_r, the rest spread at random), the embedding at min_r too and the linear modules ranked by hindsight. "
+        "Where it passes, the default's share of that gain, mean(default − hand rule) / mean(hindsight′ − hand "
+        "rule), with its 95% Fieller interval.",
+        "",
+        *markdown_table(header, rows),
+        "",
     ]
 
 
