@@ -103,11 +103,11 @@ def embedding_held_summary(tree: Tree) -> list[str]:
         if CAN_PAY_EMBEDDING_HELD not in results or HAND_RULE not in results:
             continue
         suite, hand = SUITES[name], results[HAND_RULE]
-        can_pay, default, from_start = diffs = [
+        diffs = [
             paired(results[method], hand, suite.metric) if method in results else None
             for method in (CAN_PAY_EMBEDDING_HELD, SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START)
         ]
-        passes = is_better(can_pay, suite.higher_is_better)
+        passes = is_better(diffs[0], suite.higher_is_better)  # check 2′
         share = captured_share(results, suite.metric, CAN_PAY_EMBEDDING_HELD, HAND_RULE) if passes else None
         check, default_cell, from_start_cell = (verdict(d, suite.higher_is_better) if d else "–" for d in diffs)
         rows.append(
