@@ -47,21 +47,28 @@ def captured_share(
     return None if ratio is None else (*ratio, len(seeds))
 
 
+def checks_against(
+    results: Results, baseline: str, methods: tuple[str, ...], name: str
+) -> tuple[list[Diff | None], list[str]]:
+    """Each of ``methods``' paired difference to ``baseline`` on suite ``name`` (``None``: not run) and its cell:
+    the verdict with the cross-machine mark, or "–"."""
+    suite, base = SUITES[name], results.get(baseline, {})
+    diffs = [paired(results[method], base, suite.metric) if method in results else None for method in methods]
+    cells = [
+        verdict(diff, suite.higher_is_better) + machines_mark(results.get(method), base) if diff else "–"
+        for method, diff in zip(methods, diffs)
+    ]
+    return diffs, cells
+
+
 def calibration_rows(tree: Tree) -> list[list[str]]:
     rows = []
     for name, results in tree.items():
         suite = SUITES[name]
-        lora = results.get("lora", {})
         methods = (RANK_BINDS, CAN_PAY, SHIPPED_DEFAULT_RANKS_FROM_START)
-        rank_binds, can_pay, _ = diffs = [
-            paired(results[method], lora, suite.metric) if method in results else None for method in methods
-        ]
+        (rank_binds, can_pay, _), (check_1, check_2, from_start) = checks_against(results, "lora", methods, name)
         both = is_better(rank_binds, suite.higher_is_better) and is_better(can_pay, suite.higher_is_better)
         share = share_cell(captured_share(results, suite.metric)) if both else "–"
-        check_1, check_2, from_start = (
-            verdict(diff, suite.higher_is_better) + machines_mark(results.get(method), lora) if diff else "–"
-            for method, diff in zip(methods, diffs)
-        )
         rows.append([name, f"`{suite.metric}`", check_1, check_2, "✓" if both else "", share, from_start])
     return rows
 
@@ -102,14 +109,10 @@ def embedding_held_summary(tree: Tree) -> list[str]:
     for name, results in tree.items():
         if CAN_PAY_EMBEDDING_HELD not in results or HAND_RULE not in results:
             continue
-        suite, hand = SUITES[name], results[HAND_RULE]
-        diffs = [
-            paired(results[method], hand, suite.metric) if method in results else None
-            for method in (CAN_PAY_EMBEDDING_HELD, SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START)
-        ]
-        passes = is_better(diffs[0], suite.higher_is_better)  # check 2′
+        suite, methods = SUITES[name], (CAN_PAY_EMBEDDING_HELD, SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START)
+        (can_pay, _, _), (check, default_cell, from_start_cell) = checks_against(results, HAND_RULE, methods, name)
+        passes = is_better(can_pay, suite.higher_is_better)
         share = captured_share(results, suite.metric, CAN_PAY_EMBEDDING_HELD, HAND_RULE) if passes else None
-        check, default_cell, from_start_cell = (verdict(d, suite.higher_is_better) if d else "–" for d in diffs)
         rows.append(
             [name, f"`{suite.metric}`", check, default_cell, "✓" if passes else "", share_cell(share), from_start_cell]
         )
