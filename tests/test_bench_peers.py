@@ -4,6 +4,7 @@ adds it."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -166,6 +167,29 @@ def test_the_embedding_rules_hold_it_at_min_r_and_peft_refuses_or_skips_it(tmp_p
         build(parse_method("adalora"), task, task.base_model())  # PEFT's AdaLoRA adapts linear layers only
     eva = runner.run_one(SUITE.name, "eva", 0, calib_batches=2, task=task)
     assert eva["ranks"]["model.embed_tokens"] == SUITE.r  # EVA leaves it at r (PEFT's usual init), outside its split
+
+
+def test_shuffled_default_moves_the_defaults_ranks_within_cost_groups(tmp_path, monkeypatch):
+    """``warm-shuffled_default-...`` is the shipped default's run with only the places of its final ranks changed:
+    same signal steps, the embedding (alone in its cost group) at the default's rank, each cost group's ranks
+    permuted."""
+    monkeypatch.setenv("PEFT_ADAPTIVE_ALLOCATION_RESULTS", str(tmp_path))
+    task = TinyEmbeddingTask(SUITE)
+    name = "warm-shuffled_default-random+max2r+reset"
+    with pytest.raises(SystemExit, match=f"run {re.escape(SHIPPED_DEFAULT)} first"):
+        runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task)
+    default = runner.run_one(SUITE.name, SHIPPED_DEFAULT, 0, calib_batches=2, task=task)
+    common.write_json(result_path(SUITE.name, SHIPPED_DEFAULT, 0), default)
+    shuffled = runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task)
+    assert shuffled["allocation"]["step"] == default["allocation"]["step"] == SUITE.warmup
+    assert shuffled["adapter_params"] == default["adapter_params"]
+    costs = default["rank_costs"]
+    for cost in set(costs.values()):
+        group = sorted(n for n in costs if costs[n] == cost)
+        assert sorted(shuffled["ranks"][n] for n in group) == sorted(default["ranks"][n] for n in group)
+    assert shuffled["ranks"]["model.embed_tokens"] == default["ranks"]["model.embed_tokens"]
+    moved = [n for n in costs if shuffled["ranks"][n] != default["ranks"][n]]
+    assert moved  # the places changed (on this tiny model, five of the eight linear modules at seed 0)
 
 
 def test_adalora_orth_reg_equals_what_peft_adds():

@@ -8,7 +8,9 @@ rank r for ``warmup`` steps while collecting signals, then reallocate in place w
 ``consistent_spectrum2`` at 2, ``consistent_spectrum4`` at the package default 4), ``uniform`` (no reallocation, calibration only), or a
 benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
 (the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
-the same rank distribution in other places), all at the same budget through
+the same rank distribution in other places; ``shuffled_default`` the same with the shipped default's run,
+``SHIPPED_DEFAULT``, as source: run as ``warm-shuffled_default-random+max2r+reset`` it is that run with only the
+places of its ranks changed), all at the same budget through
 ``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
 ``random``. ``adaptive`` is the package default (``AdaptiveLoraConfig()`` with only the budget-related fields set),
 ``adaptive-<score>`` the same with another ``score``.
@@ -70,7 +72,7 @@ SCORE_NAMES = (
 )
 #: harness score names that are the package's ``consistent_spectrum`` at a given ``consistency_power``
 CONSISTENCY_POWERS = {"consistent_spectrum": 1.0, "consistent_spectrum2": 2.0, "consistent_spectrum4": 4.0}
-BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled")
+BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled", "shuffled_default")
 #: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
 #: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
 DEFAULT_RUN = "warm-gradient_spectrum-random"
@@ -86,6 +88,9 @@ SHIPPED_DEFAULT = "warm-consistent_spectrum4-random+max2r+reset"
 #: plain LoRA from step 0 at the ranks the same seed's shipped-default run ended with (``fixed_ranks`` finds that
 #: run, ``+reset`` included): whether the default's ranks alone pay, without its two-phase run
 SHIPPED_DEFAULT_RANKS_FROM_START = "fixed-" + SHIPPED_DEFAULT.removeprefix("warm-").removesuffix("+reset")
+#: the run whose final ranks each ``shuffled*`` baseline permutes (the first ``shuffled`` runs predate the shipped
+#: default and permute the first default's ranks)
+SHUFFLED_SOURCES = {"shuffled": DEFAULT_RUN, "shuffled_default": SHIPPED_DEFAULT}
 #: every default's run name, newest first (the report shows each, so no committed default run drops out of view)
 DEFAULT_RUNS = (SHIPPED_DEFAULT, PREVIOUS_DEFAULT, EARLIER_DEFAULT, MIGRATE_DEFAULT)
 #: PEFT's methods and full fine-tuning, by name (see the module docstring)
@@ -98,7 +103,7 @@ FULL_LR = 5e-5
 class Method:
     name: str
     kind: str  # lora | warm | grow | prune | calib | fixed | oracle | default | adalora | eva | full
-    allocation: str = "uniform"  # a score, "uniform", "random", "ramp", "shuffled"; or, fixed only, FIXED_RULES
+    allocation: str = "uniform"  # a score, "uniform", or one of BASELINE_ALLOCATIONS; or, fixed only, FIXED_RULES
     growth: str = "random"  # gradient | random (growth after a warmup; initialisation for calibration)
     rank_factor: int = 1  # lora only: multiple of the budget
     exponent: float = 1.0  # AdaptiveLoraConfig.score_exponent
@@ -229,10 +234,11 @@ def baseline_ranks(kind: str, tuner, seed: int, suite: Suite) -> dict[str, int]:
     modules = tuner.adapted_modules()
     names = list(modules)
     costs = [cost_per_rank(modules[n], "default") for n in names]
-    if kind == "shuffled":
-        ranks = source_ranks(suite.name, DEFAULT_RUN, seed, user="'shuffled'")
+    if kind in SHUFFLED_SOURCES:
+        source = SHUFFLED_SOURCES[kind]
+        ranks = source_ranks(suite.name, source, seed, user=repr(kind))
         if sorted(ranks) != sorted(names):
-            raise SystemExit(f"{DEFAULT_RUN} seed {seed} adapts other modules than this run: cannot permute its ranks")
+            raise SystemExit(f"{source} seed {seed} adapts other modules than this run: cannot permute its ranks")
         return shuffled_ranks(ranks, dict(zip(names, costs)), seed)
     if kind == "random":
         rng = random.Random(seed)
