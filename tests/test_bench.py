@@ -14,7 +14,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from bench import family, methods, report, stats, suites, tuning  # noqa: E402
-from bench.methods import DEFAULT_RUN, SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START, Method, parse_method  # noqa: E402
+from bench.methods import (  # noqa: E402
+    DEFAULT_RUN,
+    SHIPPED_DEFAULT,
+    SHIPPED_DEFAULT_RANKS_FROM_START,
+    SHIPPED_DEFAULT_SHUFFLED,
+    Method,
+    parse_method,
+)
 from bench.suites import SUITES  # noqa: E402
 
 # --- method names ---------------------------------------------------------------------------------------
@@ -405,16 +412,19 @@ def test_report_has_check_2_prime_where_the_embedding_held_runs_exist(results_tr
         write(results_tree, [record("fixed-embedmin_hindsight-random", seed, hand + gain, [4] * 6)])
         write(results_tree, [record(SHIPPED_DEFAULT, seed, hand + default, [4] * 6)])
         write(results_tree, [record(SHIPPED_DEFAULT_RANKS_FROM_START, seed, hand - 0.01 + seed * 0.01, [4] * 6)])
+        write(results_tree, [record(SHIPPED_DEFAULT_SHUFFLED, seed, hand + default - seed * 0.01, [4] * 6)])
     summary = section(report.report(), "Summary: is there something to find?")
     check = next(i for i, line in enumerate(summary) if line.startswith("Check 2′, for budgets that hold an embedding"))
     assert summary[check + 1 : check + 5] == [
         "",
         "| suite | metric | check 2′, placement among the linear modules can pay: fixed-embedmin_hindsight-random "
         "− fixed-embedmin-random | the default − fixed-embedmin-random | passes | default's captured share of that "
-        "gain | reference: the default's ranks from step 0 − fixed-embedmin-random |",
-        "|---|---|---|---|---|---|---|",
+        "gain | reference: the default's ranks from step 0 − fixed-embedmin-random | reference: the default − its "
+        f"ranks shuffled (`{SHIPPED_DEFAULT_SHUFFLED}`) |",
+        "|---|---|---|---|---|---|---|---|",
         "| planted | `gap_closed` | +0.0500 ± 0.0248 (3/3 seeds better): **better** | +0.0300 ± 0.0248 (3/3 seeds "
-        "better): **better** | ✓ | 0.60, 95% [0.13, 1.13] (3 seeds) | +0.0000 ± 0.0248 (1/3 seeds better): inside |",
+        "better): **better** | ✓ | 0.60, 95% [0.13, 1.13] (3 seeds) | +0.0000 ± 0.0248 (1/3 seeds better): inside | "
+        "+0.0100 ± 0.0248 (2/3 seeds better): inside |",
     ]
 
 

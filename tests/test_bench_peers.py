@@ -17,7 +17,7 @@ from .tiny_models import VOCAB, tiny_llama
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from bench import common, peers, runner  # noqa: E402
-from bench.methods import SHIPPED_DEFAULT, build, hindsight_ranks, parse_method  # noqa: E402
+from bench.methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_SHUFFLED, build, hindsight_ranks, parse_method  # noqa: E402
 from bench.records import result_path  # noqa: E402
 from bench.suites import Suite  # noqa: E402
 from bench.tasks import Task  # noqa: E402
@@ -175,7 +175,7 @@ def test_shuffled_default_moves_the_defaults_ranks_within_cost_groups(tmp_path, 
     permuted."""
     monkeypatch.setenv("PEFT_ADAPTIVE_ALLOCATION_RESULTS", str(tmp_path))
     task = TinyEmbeddingTask(SUITE)
-    name = "warm-shuffled_default-random+max2r+reset"
+    name = SHIPPED_DEFAULT_SHUFFLED
     with pytest.raises(SystemExit, match=f"run {re.escape(SHIPPED_DEFAULT)} first"):
         runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task)
     default = runner.run_one(SUITE.name, SHIPPED_DEFAULT, 0, calib_batches=2, task=task)

@@ -16,7 +16,7 @@ passes, the default's share of that gain, ``mean(default - hand rule) / mean(hin
 
 from __future__ import annotations
 
-from .methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START
+from .methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START, SHIPPED_DEFAULT_SHUFFLED
 from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
 from .suites import RETIRED, SUITES
 from .tables import CROSSES_MACHINES_NOTE, PEER_COLUMNS, Results, diff_cell, machines_mark, markdown_table, share_cell
@@ -111,10 +111,20 @@ def embedding_held_summary(tree: Tree) -> list[str]:
             continue
         suite, methods = SUITES[name], (CAN_PAY_EMBEDDING_HELD, SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START)
         (can_pay, _, _), (check, default_cell, from_start_cell) = checks_against(results, HAND_RULE, methods, name)
+        _, (against_shuffled,) = checks_against(results, SHIPPED_DEFAULT_SHUFFLED, (SHIPPED_DEFAULT,), name)
         passes = is_better(can_pay, suite.higher_is_better)
         share = captured_share(results, suite.metric, CAN_PAY_EMBEDDING_HELD, HAND_RULE) if passes else None
         rows.append(
-            [name, f"`{suite.metric}`", check, default_cell, "✓" if passes else "", share_cell(share), from_start_cell]
+            [
+                name,
+                f"`{suite.metric}`",
+                check,
+                default_cell,
+                "✓" if passes else "",
+                share_cell(share),
+                from_start_cell,
+                against_shuffled,
+            ]
         )
     if not rows:
         return []
@@ -126,6 +136,7 @@ def embedding_held_summary(tree: Tree) -> list[str]:
         "passes",
         "default's captured share of that gain",
         f"reference: the default's ranks from step 0 − {HAND_RULE}",
+        f"reference: the default − its ranks shuffled (`{SHIPPED_DEFAULT_SHUFFLED}`)",
     ]
     return [
         "Check 2′, for budgets that hold an embedding, where check 2 misprices it (its rule gives the embedding the "
@@ -133,7 +144,9 @@ def embedding_held_summary(tree: Tree) -> list[str]:
         "at min_r, the rest spread at random), the embedding at min_r too and the linear modules ranked by hindsight. "
         "Where it passes, the default's share of that gain, mean(default − hand rule) / mean(hindsight′ − hand "
         "rule), with its 95% Fieller interval. The last column, a reference: the default's final ranks trained from "
-        "step 0 (its embedding at min_r too), against the hand rule: does the default's placement pay by itself?",
+        "step 0 (its embedding at min_r too), against the hand rule: does the default's placement pay by itself? And the "
+        "default against its own run with its final ranks permuted among modules of equal cost per rank (the "
+        "embedding, alone in its cost, keeps its rank): does its placement pay inside its two-phase run?",
         "",
         *markdown_table(header, rows),
         "",
