@@ -533,6 +533,10 @@ def test_report_overviews_tuning_family_cost_and_figure(peers_tree):
     assert rows["| lora"] == "| lora | 0.4000 | 0.6000 | 0.5000 | ×1 (0.002) | 3 | – | -0.2567 ± 0.7388 inside (3) |"
     assert rows[f"| {SHIPPED_DEFAULT}"].startswith(f"| {SHIPPED_DEFAULT} | 0.5500 | 0.6500 | 0.7000 | ×2 (0.004) | 3 |")
     fam = section(text, "The planted family")
+    assert fam[2].endswith(
+        "Family v3: steps per run and signal steps by teacher, MiniLM 200 / 20, SmolLM2 800 / 200 (the v2 SmolLM2 "
+        "records, at 200 and 20: benchmarks/results/allocation-family-v2/)."
+    )
     assert fam[6] == f"| family-00 | choose | minilm | {family.member(0).r} | {len(family.member(0).changes)} | +0.2000 | yes | 0.50 |"  # fmt: skip
     assert fam[7].endswith("| +0.0100 | no | – ✗ |")  # nothing to find, and worse than lora
     roles = [line for line in fam if line.startswith(("| choose", "| report"))]

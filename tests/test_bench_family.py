@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from peft_adaptive.config import DEFAULT_SIGNAL_STEPS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench import family  # noqa: E402
@@ -63,6 +65,9 @@ def test_family_roles_and_suites():
     suite = SUITES["family-03"]
     assert suite.settings["member"] == 3 and suite.r == members[3].r and suite.lora_alpha == 2 * members[3].r
     assert suite.max_r == family.MAX_R_FACTOR * suite.r and suite.min_r == 1
+    # v3: the SmolLM2 members run 800 steps with the package's default signal steps, the MiniLM members v2's 200 / 20
+    assert (suite.steps, suite.warmup, suite.settings["family_version"]) == (800, DEFAULT_SIGNAL_STEPS, 3)
+    assert (SUITES["family-02"].steps, SUITES["family-02"].warmup) == (200, 20)
 
 
 def test_probe_auc_counts_planted_modules_ranked_above_the_others():

@@ -189,6 +189,12 @@ def seeded_group_rows(readings: list[SeededReading]) -> list[list[str]]:
     return rows
 
 
+def version_settings() -> str:
+    """``MiniLM 200 / 20, SmolLM2 800 / 200``: each teacher's steps per run and signal steps in this version."""
+    names = {"minilm": "MiniLM", "smollm2": "SmolLM2"}
+    return ", ".join(f"{names[t]} {family.RUN_STEPS[t]} / {family.SIGNAL_STEPS[t]}" for t in family.TEACHERS)
+
+
 def family_section(tree: dict[str, Results]) -> list[str]:
     """Per member and per group, as pre-registered; ``tree`` holds the family suites with runs."""
     if not tree:
@@ -201,7 +207,9 @@ def family_section(tree: dict[str, Results]) -> list[str]:
         f"One seed ({SEED}) per member; metric `{METRIC}` (share of the teacher gap closed on held-out sentences). "
         f"Something to find: oracle − lora > {SOMETHING_TO_FIND}. Each method's cell: its share of the oracle gap, "
         f"(method − lora) / (oracle − lora), where there is something to find ('–' elsewhere); ✗: worse than uniform "
-        f"LoRA (method − lora < {WORSE}); empty: not run.",
+        f"LoRA (method − lora < {WORSE}); empty: not run. Family v{family.FAMILY_VERSION}: steps per run and signal "
+        f"steps by teacher, {version_settings()} (the v2 SmolLM2 records, at 200 and 20: "
+        "benchmarks/results/allocation-family-v2/).",
         "",
         *markdown_table(member_header + methods, member_rows(tree, methods)),
         "",

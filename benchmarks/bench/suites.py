@@ -139,19 +139,20 @@ RETIRED: dict[str, str] = {
 
 
 def family_suite(index: int) -> Suite:
-    """Member ``index`` of the planted family (bench/family.py): short runs, the member's budget, lora_alpha = 2r."""
+    """Member ``index`` of the planted family (bench/family.py): short runs (their length per teacher), the member's
+    budget, lora_alpha = 2r."""
     member = family.member(index)
     return Suite(
         f"family-{index:02d}",
         r=member.r,
         lora_alpha=2 * member.r,
         lr=2e-3,
-        steps=200,
-        warmup=20,
+        steps=family.RUN_STEPS[member.teacher],
+        warmup=family.SIGNAL_STEPS[member.teacher],
         batch_size=16,
         max_r_factor=family.MAX_R_FACTOR,
         min_r=1,
-        settings={"member": index, "teacher": member.teacher, "family_version": 2},
+        settings={"member": index, "teacher": member.teacher, "family_version": family.FAMILY_VERSION},
     )
 
 
