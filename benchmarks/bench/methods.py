@@ -93,7 +93,7 @@ SHIPPED_DEFAULT_RANKS_FROM_START = "fixed-" + SHIPPED_DEFAULT.removeprefix("warm
 SHUFFLED_SOURCES = {"shuffled": DEFAULT_RUN, "shuffled_default": SHIPPED_DEFAULT}
 #: the shipped default's run with its final ranks permuted among modules of equal cost per rank (same seed, same
 #: signal steps and resize step): whether the default's placement pays inside its two-phase run
-SHIPPED_DEFAULT_SHUFFLED = "warm-shuffled_default-" + SHIPPED_DEFAULT.removeprefix("warm-consistent_spectrum4-")
+SHIPPED_DEFAULT_SHUFFLED = "warm-shuffled_default-" + SHIPPED_DEFAULT.split("-", 2)[2]  # its growth and suffixes
 #: every default's run name, newest first (the report shows each, so no committed default run drops out of view)
 DEFAULT_RUNS = (SHIPPED_DEFAULT, PREVIOUS_DEFAULT, EARLIER_DEFAULT, MIGRATE_DEFAULT)
 #: PEFT's methods and full fine-tuning, by name (see the module docstring)
