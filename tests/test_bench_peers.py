@@ -175,12 +175,11 @@ def test_shuffled_default_moves_the_defaults_ranks_within_cost_groups(tmp_path, 
     permuted."""
     monkeypatch.setenv("PEFT_ADAPTIVE_ALLOCATION_RESULTS", str(tmp_path))
     task = TinyEmbeddingTask(SUITE)
-    name = SHIPPED_DEFAULT_SHUFFLED
     with pytest.raises(SystemExit, match=f"run {re.escape(SHIPPED_DEFAULT)} first"):
-        runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task)
+        runner.run_one(SUITE.name, SHIPPED_DEFAULT_SHUFFLED, 0, calib_batches=2, task=task)
     default = runner.run_one(SUITE.name, SHIPPED_DEFAULT, 0, calib_batches=2, task=task)
     common.write_json(result_path(SUITE.name, SHIPPED_DEFAULT, 0), default)
-    shuffled = runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task)
+    shuffled = runner.run_one(SUITE.name, SHIPPED_DEFAULT_SHUFFLED, 0, calib_batches=2, task=task)
     assert shuffled["allocation"]["step"] == default["allocation"]["step"] == SUITE.warmup
     assert shuffled["adapter_params"] == default["adapter_params"]
     costs = default["rank_costs"]

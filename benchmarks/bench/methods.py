@@ -72,7 +72,6 @@ SCORE_NAMES = (
 )
 #: harness score names that are the package's ``consistent_spectrum`` at a given ``consistency_power``
 CONSISTENCY_POWERS = {"consistent_spectrum": 1.0, "consistent_spectrum2": 2.0, "consistent_spectrum4": 4.0}
-BASELINE_ALLOCATIONS = ("random", "ramp", "shuffled", "shuffled_default")
 #: the run of the package default's configuration in every suite (``shuffled`` permutes its final ranks), with the
 #: suites' ``max_r = 4r``, the package default until the capped candidate ``DEFAULT_RUN + "+max2r"`` replaced it
 DEFAULT_RUN = "warm-gradient_spectrum-random"
@@ -91,6 +90,8 @@ SHIPPED_DEFAULT_RANKS_FROM_START = "fixed-" + SHIPPED_DEFAULT.removeprefix("warm
 #: the run whose final ranks each ``shuffled*`` baseline permutes (the first ``shuffled`` runs predate the shipped
 #: default and permute the first default's ranks)
 SHUFFLED_SOURCES = {"shuffled": DEFAULT_RUN, "shuffled_default": SHIPPED_DEFAULT}
+#: the benchmark-only allocations: random scores, a depth ramp, and the shuffled ranks of a default's run
+BASELINE_ALLOCATIONS = ("random", "ramp", *SHUFFLED_SOURCES)
 #: the shipped default's run with its final ranks permuted among modules of equal cost per rank (same seed, same
 #: signal steps and resize step): whether the default's placement pays inside its two-phase run
 SHIPPED_DEFAULT_SHUFFLED = "warm-shuffled_default-" + SHIPPED_DEFAULT.split("-", 2)[2]  # its growth and suffixes
