@@ -17,6 +17,7 @@ from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
 from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
+from resplit_probe import by_kind, planted_energies, rule_values, uncovered  # noqa: E402
 
 
 def test_the_cipher_is_a_fixed_letter_permutation_without_fixed_points():
@@ -97,6 +98,45 @@ def test_probe_coverage_is_the_share_of_the_capped_oracle_ranks_the_split_gives(
     assert elsewhere == pytest.approx(floor / capped) and moved_elsewhere == 0.0
     # a uniform consistency scales every value alike, so the power changes nothing
     assert coverage(stats(planted, 0.5), 4, power=8, by_type=False) == (covered, moved)
+
+
+def test_resplit_probe_measures_the_planted_energy_a_split_leaves_uncovered():
+    """The proxy of resplit_probe.py: the planted squared singular values beyond each module's rank; a split at the
+    planted ranks leaves nothing, uniform rank r leaves the tail of every change above r."""
+    spec = family.member(3)
+    names = ["model." + name for name in family.module_costs(spec.teacher)]
+    planted = planted_energies(3, names)
+    changes = {"model." + c.module: c for c in spec.changes}
+    assert [len(p) for p in planted] == [changes[n].rank if n in changes else 0 for n in names]
+    top = next(c for c in spec.changes if c.rank > spec.r)
+    assert planted[names.index("model." + top.module)][0] == pytest.approx(top.strength**2)
+    assert uncovered(planted, [len(p) for p in planted]) == 0.0
+    tails = sum(sum(p[spec.r :]) for p in planted)
+    assert uncovered(planted, [spec.r] * len(names)) == pytest.approx(tails) and tails > 0
+
+
+def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by_the_kind_median():
+    names = ["l0.q_proj", "l1.q_proj", "l2.q_proj", "l0.v_proj"]
+    seen = {
+        "names": names,
+        "spectra": [[4.0, 2.0, 1.0], [2.0, 1.0, 1.0], [1.0, 1.0, 0.5], [10.0, 1.0, 1.0]],
+        "consistency": [1.0, 0.5, 1.0, 0.25],
+        "update": [[1.0, 0.5], [3.0, 0.0], [0.1, 0.1], [2.0, 1.0]],
+        "power": 4.0,
+    }
+    default = rule_values(seen, "default")
+    assert default[1] == [(2.0 * 0.25) ** 2, (1.0 * 0.25) ** 2, (1.0 * 0.25) ** 2]  # (sigma * c^2)^2
+    for rule in ("default", "kind", "floor", "update", "mix"):
+        assert all(list(v) == sorted(v, reverse=True) for v in rule_values(seen, rule)), rule
+    kind = rule_values(seen, "kind")
+    median_q = sorted(sum(v) for v in default[:3])[1]
+    assert kind[0] == pytest.approx([x / median_q for x in default[0]])
+    assert kind[3] == pytest.approx([1.0 * x / sum(default[3]) for x in default[3]])  # a kind of one: its own total
+    assert by_kind(["a.k"], [[0.0]]) == [[0.0]]  # an all-zero kind divides by 1, not 0
+    mix = rule_values(seen, "mix")
+    assert sum(mix[0]) == pytest.approx(1.0**2 + 0.5**2)  # the update's energy, shaped as the gradient spectrum
+    with pytest.raises(ValueError, match="unknown rule 'x'"):
+        rule_values(seen, "x")
 
 
 def test_canonical_correlations_are_one_where_a_linear_map_predicts_the_gradient_and_near_zero_for_noise():

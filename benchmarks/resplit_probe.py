@@ -1,0 +1,173 @@
+"""Would another split of what the default's signal steps saw cover the planted family's changes better?
+
+Exploratory (no rule is chosen by it alone). Per family member and seed: replay the shipped default's signal steps
+(``predicted_gain_replay.replay``: same seed, model, batches and optimizer as the run, stopped at the reallocation),
+keep what its score read (each module's gradient spectrum and step consistency, and the adapter's learned update
+spectrum at that step), then re-split the same budget by each rule below through the package's own
+``allocate_by_spectrum`` and measure the planted energy the ranks leave uncovered, ``sum_m sum_{j >= rank_m}
+(strength_m * decay_m ** j) ** 2`` (a proxy: it ignores how training reaches what the ranks allow). Rules:
+
+* ``default``: the shipped default, ``sigma^2 * c^4`` (checked: its ranks equal the replayed run's);
+* ``kind``: the same divided by the median total of the modules of its kind (``q_proj``, ``up_proj``, ...), so the
+  kinds' gradient scales, set by the architecture, do not decide;
+* ``floor``: the same less each module's tail (the mean of its last eight values), a noise floor;
+* ``update``: the learned update's spectrum at the reallocation (the ``spectral`` score);
+* ``mix``: the gradient spectrum's shape with the learned update's total energy as the module's size.
+
+    python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR]
+
+Prints one line per member and seed: the uncovered energy of uniform LoRA and of each rule, with the share of
+uniform's uncovered energy each rule covers (the proxy's share of the oracle gap; the oracle covers all of it
+up to the cap); and the Spearman correlation with the planted energy of the step consistency, the gradient's
+energy and the learned update's energy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.family import SIGNAL_STEPS, member  # noqa: E402
+from bench.methods import SHIPPED_DEFAULT  # noqa: E402
+from bench.stats import spearman  # noqa: E402
+from peft_adaptive.allocation import allocate_by_spectrum  # noqa: E402
+from peft_adaptive.scores import consistent_spectrum  # noqa: E402
+from peft_adaptive.scores.gradient_spectrum import gradient_spectra  # noqa: E402
+from peft_adaptive.scores.spectral import update_spectrum  # noqa: E402
+from predicted_gain_replay import replay  # noqa: E402
+
+RULES = ("default", "kind", "floor", "update", "mix")
+
+
+def read_signals(suite: str, seed: int) -> dict:
+    """Replay the default's signal steps on ``suite``/``seed`` and return what its score read."""
+    seen: dict = {}
+    allocate = consistent_spectrum.ConsistentSpectrumScore.allocate
+
+    def reading(self, collector, costs, budget, config):
+        starts = collector.snapshot or [None] * len(collector.layers)
+        seen.update(
+            names=list(collector.names),
+            spectra=gradient_spectra(collector),
+            consistency=consistent_spectrum.module_consistencies(collector),
+            update=[update_spectrum(m, collector.adapter, s) for m, s in zip(collector.layers, starts)],
+            costs=list(costs),
+            budget=int(budget),
+            min_r=config.min_r,
+            max_r=config.max_r,
+            power=config.consistency_power,
+        )
+        scored = allocate(self, collector, costs, budget, config)
+        seen["ranks"] = list(scored.allocation.ranks)
+        return scored
+
+    consistent_spectrum.ConsistentSpectrumScore.allocate = reading
+    try:
+        seen.update(replay(suite, SHIPPED_DEFAULT, seed))
+    finally:
+        consistent_spectrum.ConsistentSpectrumScore.allocate = allocate
+    return seen
+
+
+def by_kind(names: list[str], values: list[list[float]]) -> list[list[float]]:
+    """Each module's values over the median total of its kind's modules (the last part of its name)."""
+    totals: dict[str, list[float]] = {}
+    for name, v in zip(names, values):
+        totals.setdefault(name.rsplit(".", 1)[-1], []).append(sum(v))
+    median = {kind: statistics.median(t) or 1.0 for kind, t in totals.items()}
+    return [[x / median[name.rsplit(".", 1)[-1]] for x in v] for name, v in zip(names, values)]
+
+
+def rule_values(seen: dict, rule: str) -> list[list[float]]:
+    """What each rank of each module is worth under ``rule`` (non-increasing per module)."""
+    default = [
+        [(s * c ** (seen["power"] / 2)) ** 2 for s in spectrum]
+        for spectrum, c in zip(seen["spectra"], seen["consistency"])
+    ]
+    if rule == "default":
+        return default
+    if rule == "kind":
+        return by_kind(seen["names"], default)
+    if rule == "floor":  # a tiny ramp keeps each list non-increasing where the floor zeroes its tail
+        return [
+            [max(v - statistics.mean(e[-8:]), 0.0) + 1e-30 * (len(e) - j) for j, v in enumerate(e)] for e in default
+        ]
+    if rule == "update":
+        return [[s * s for s in u] for u in seen["update"]]
+    if rule == "mix":
+        return [
+            [s * s / (sum(x * x for x in g) or 1.0) * sum(x * x for x in u) for s in g]
+            for g, u in zip(seen["spectra"], seen["update"])
+        ]
+    raise ValueError(f"unknown rule {rule!r}; allowed: {RULES}")
+
+
+def planted_energies(index: int, names: list[str]) -> list[list[float]]:
+    """Per module (in ``names``' order) the planted change's squared singular values, [] where nothing is planted."""
+    changes = {c.module: c for c in member(index).changes}
+    out = []
+    for name in names:
+        change = next((c for module, c in changes.items() if module.endswith(name) or name.endswith(module)), None)
+        out.append([] if change is None else [(change.strength * change.decay**j) ** 2 for j in range(change.rank)])
+    return out
+
+
+def uncovered(planted: list[list[float]], ranks: list[int]) -> float:
+    return sum(sum(energies[rank:]) for energies, rank in zip(planted, ranks))
+
+
+def probe(index: int, seed: int, cache: Path | None) -> str:
+    suite = f"family-{index:02d}"
+    path = cache / f"{suite}-s{seed}.json" if cache else None
+    if path and path.is_file():
+        seen = json.loads(path.read_text())
+    else:
+        seen = read_signals(suite, seed)
+        if path:
+            path.write_text(json.dumps(seen))
+    m = member(index)
+    planted = planted_energies(index, seen["names"])
+    uniform = uncovered(planted, [m.r] * len(planted))
+    line = f"{suite} seed {seed} ({m.group}, {m.teacher}, r={m.r}, {len(m.changes)} changed): uniform {uniform:.3f}"
+    for rule in RULES:
+        ranks = allocate_by_spectrum(
+            rule_values(seen, rule), seen["costs"], seen["budget"], seen["min_r"], seen["max_r"]
+        )
+        if rule == "default" and list(ranks.ranks) != seen["ranks"]:
+            raise SystemExit(f"{suite} seed {seed}: the re-split default's ranks differ from the replayed run's")
+        left = uncovered(planted, ranks.ranks)
+        share = f"{(uniform - left) / uniform:+.2f}" if uniform > 1e-9 else "-"
+        line += f" | {rule} {left:.3f} ({share})"
+    totals = [sum(p) for p in planted]
+    steps = SIGNAL_STEPS[m.teacher]
+    readings = {
+        "step consistency": [steps * c for c in seen["consistency"]],
+        "gradient energy": [sum(s * s for s in g) for g in seen["spectra"]],
+        "update energy": [sum(s * s for s in u) for u in seen["update"]],
+    }
+    names = seen["names"]
+    planted_total = dict(zip(names, totals))
+    correlations = (f"{k} {spearman(dict(zip(names, v)), planted_total):+.2f}" for k, v in readings.items())
+    return line + " || " + ", ".join(correlations)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", nargs="+", type=int, required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--cache", type=Path, help="keep each replay's reading here and reuse it")
+    args = parser.parse_args()
+    if args.cache:
+        args.cache.mkdir(parents=True, exist_ok=True)
+    for index in args.members:
+        for seed in args.seeds:
+            print(probe(index, seed, args.cache), flush=True)
+
+
+if __name__ == "__main__":
+    main()
