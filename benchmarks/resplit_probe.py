@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.family import SIGNAL_STEPS, member  # noqa: E402
 from bench.methods import SHIPPED_DEFAULT  # noqa: E402
+from bench.report import module_kind  # noqa: E402
 from bench.stats import spearman  # noqa: E402
 from peft_adaptive.allocation import allocate_by_spectrum  # noqa: E402
 from peft_adaptive.scores import consistent_spectrum  # noqa: E402
@@ -75,12 +76,14 @@ def read_signals(suite: str, seed: int) -> dict:
 
 
 def by_kind(names: list[str], values: list[list[float]]) -> list[list[float]]:
-    """Each module's values over the median total of its kind's modules (the last part of its name)."""
+    """Each module's values over the median total of its kind's modules (``bench.report.module_kind``: ``q_proj``,
+    or on BERT ``attention.output.dense`` apart from ``output.dense``)."""
+    kinds = [module_kind(name) for name in names]
     totals: dict[str, list[float]] = {}
-    for name, v in zip(names, values):
-        totals.setdefault(name.rsplit(".", 1)[-1], []).append(sum(v))
+    for kind, v in zip(kinds, values):
+        totals.setdefault(kind, []).append(sum(v))
     median = {kind: statistics.median(t) or 1.0 for kind, t in totals.items()}
-    return [[x / median[name.rsplit(".", 1)[-1]] for x in v] for name, v in zip(names, values)]
+    return [[x / median[kind] for x in v] for kind, v in zip(kinds, values)]
 
 
 def rule_values(seen: dict, rule: str) -> list[list[float]]:

@@ -133,6 +133,9 @@ def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by
     assert kind[0] == pytest.approx([x / median_q for x in default[0]])
     assert kind[3] == pytest.approx([1.0 * x / sum(default[3]) for x in default[3]])  # a kind of one: its own total
     assert by_kind(["a.k"], [[0.0]]) == [[0.0]]  # an all-zero kind divides by 1, not 0
+    # BERT's three kinds of ``dense`` are three kinds, each divided by its own median
+    bert = ["layer.0.attention.output.dense", "layer.0.intermediate.dense", "layer.0.output.dense"]
+    assert by_kind(bert, [[2.0], [4.0], [8.0]]) == [[1.0], [1.0], [1.0]]
     mix = rule_values(seen, "mix")
     assert sum(mix[0]) == pytest.approx(1.0**2 + 0.5**2)  # the update's energy, shaped as the gradient spectrum
     with pytest.raises(ValueError, match="unknown rule 'x'"):
