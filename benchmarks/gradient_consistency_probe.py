@@ -17,7 +17,7 @@ the modules by statistics of ``S = sum_t G_t`` and ``Q = sum_t ||G_t||_F^2``:
 For each it prints the AUC of planted against unplanted modules (1: every planted module above every other) and the
 planted modules' positions. With ``--allocate`` it instead splits the member's budget as ``consistent_spectrum``
 does (``allocate_by_spectrum`` on ``(sigma_j(S) * c ** (power / 2)) ** 2``, ``min_r`` 1, ``max_r = 2r``) for several
-powers, optionally with each module's values divided by the median top value of its module type (``q_proj`` over
+powers, optionally with each module's values divided by the median top value of its kind (``bench.report.module_kind``: ``q_proj`` over
 the layers, ...), and prints how much of the oracle's ranks it covers (``sum min(rank, oracle rank) * cost`` over
 the planted modules, over the same with the oracle's ranks capped at ``2r``) and the share of the rank moved above
 ``r`` that lands on planted modules. A lead, not a result: it reads no held-out metric and chooses nothing.
@@ -120,15 +120,12 @@ def auc(order: list[str], planted: set[str]) -> float:
 ALLOCATE_POWERS = (0, 2, 4, 8, 16)
 
 
-def module_type(name: str) -> str:
-    return ".".join(name.split(".")[-2:])
-
-
 def coverage(stats: dict[str, dict], member_index: int, power: float, by_type: bool) -> tuple[float, float]:
     """(oracle coverage, share of the moved rank on planted modules) of ``consistent_spectrum``'s split at ``power``."""
     import statistics
 
     from bench.family import member, module_costs
+    from bench.report import module_kind
     from peft_adaptive.allocation import allocate_by_spectrum
 
     spec = member(member_index)
@@ -138,10 +135,10 @@ def coverage(stats: dict[str, dict], member_index: int, power: float, by_type: b
     values = [[v * stats[n]["consistency"] ** (power / 2) for v in stats[n]["spectrum"]] for n in names]
     if by_type:
         medians = {
-            t: statistics.median(v[0] for n, v in zip(names, values) if module_type(n) == t)
-            for t in map(module_type, names)
+            t: statistics.median(v[0] for n, v in zip(names, values) if module_kind(n) == t)
+            for t in map(module_kind, names)
         }
-        values = [[v / medians[module_type(n)] for v in vs] for n, vs in zip(names, values)]
+        values = [[v / medians[module_kind(n)] for v in vs] for n, vs in zip(names, values)]
     cap = 2 * spec.r
     ranks = allocate_by_spectrum([[v * v for v in vs] for vs in values], costs, spec.r * sum(costs), 1, cap).ranks
     oracle = {i: rank for i, n in enumerate(names) for m, rank in spec.oracle_ranks.items() if n.endswith(m)}
