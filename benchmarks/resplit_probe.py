@@ -15,6 +15,12 @@ spectrum at that step), then re-split the same budget by each rule below through
 * ``mix``: the gradient spectrum's shape with the learned update's total energy as the module's size.
 
     python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR]
+    python benchmarks/resplit_probe.py --cap-bound --members 0 1 2 3 4 8 9 10 11 14 15 19
+
+``--cap-bound`` replays nothing: per member, the share of uniform LoRA's uncovered planted energy that the *best*
+split at the same budget covers under a ``2r``, ``3r`` and ``4r`` cap (``allocate_by_spectrum`` on the planted
+energies themselves: an upper bound for any score), next to what the shipped default's recorded final ranks cover
+(module names and costs from the member's ``lora`` seed-0 record).
 
 Prints one line per member and seed: the uncovered energy of uniform LoRA and of each rule, with the share of
 uniform's uncovered energy each rule covers (the proxy's share of the oracle gap; the oracle covers all of it
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.family import SIGNAL_STEPS, member  # noqa: E402
 from bench.methods import SHIPPED_DEFAULT  # noqa: E402
+from bench.records import result_path  # noqa: E402
 from bench.report import module_kind  # noqa: E402
 from bench.stats import spearman  # noqa: E402
 from peft_adaptive.allocation import allocate_by_spectrum  # noqa: E402
@@ -159,12 +166,55 @@ def probe(index: int, seed: int, cache: Path | None) -> str:
     return line + " || " + ", ".join(correlations)
 
 
+def covered_share(planted: list[list[float]], ranks: list[int], r: int) -> float | None:
+    """The share of uniform LoRA's (rank ``r``) uncovered planted energy that ``ranks`` cover; None: none uncovered."""
+    uniform = uncovered(planted, [r] * len(planted))
+    return None if uniform <= 1e-9 else (uniform - uncovered(planted, ranks)) / uniform
+
+
+def best_split(planted: list[list[float]], costs: list[int], r: int, cap: int) -> list[int]:
+    """The ranks at uniform LoRA's budget (``r`` everywhere) that leave the least planted energy uncovered with no
+    module above ``cap``: the planted energies are the values, so this bounds what any score can reach."""
+    values = [energies + [0.0] * max(0, cap - len(energies)) for energies in planted]
+    return list(allocate_by_spectrum(values, costs, r * sum(costs), 1, cap).ranks)
+
+
+CAP_FACTORS = (2, 3, 4)
+
+
+def cap_bound(index: int) -> str:
+    """One member's line for ``--cap-bound``."""
+    suite, m = f"family-{index:02d}", member(index)
+    lora = json.loads(result_path(suite, "lora", 0).read_text())
+    names = list(lora["rank_costs"])
+    costs = [lora["rank_costs"][n] for n in names]
+    planted = planted_energies(index, names)
+    line = (
+        f"{suite} ({m.group}, {m.teacher}, r={m.r}, planted ranks {sorted((c.rank for c in m.changes), reverse=True)})"
+    )
+    for factor in CAP_FACTORS:
+        share = covered_share(planted, best_split(planted, costs, m.r, factor * m.r), m.r)
+        line += f" | best at {factor}r " + ("-" if share is None else f"{share:.2f}")
+    for seed in range(3):
+        path = result_path(suite, SHIPPED_DEFAULT, seed)
+        if path.is_file():
+            ranks = json.loads(path.read_text())["ranks"]
+            share = covered_share(planted, [ranks[n] for n in names], m.r)
+            line += f" | default seed {seed} " + ("-" if share is None else f"{share:.2f}")
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", nargs="+", type=int, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--cache", type=Path, help="keep each replay's reading here and reuse it")
+    parser.add_argument("--cap-bound", action="store_true", help="the best split under each cap; no replay")
     args = parser.parse_args()
+    if args.cap_bound:
+        for index in args.members:
+            print(cap_bound(index), flush=True)
+        return
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
     for index in args.members:

@@ -17,7 +17,7 @@ from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
 from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
-from resplit_probe import by_kind, planted_energies, rule_values, uncovered  # noqa: E402
+from resplit_probe import best_split, by_kind, covered_share, planted_energies, rule_values, uncovered  # noqa: E402
 
 
 def test_the_cipher_is_a_fixed_letter_permutation_without_fixed_points():
@@ -113,6 +113,22 @@ def test_resplit_probe_measures_the_planted_energy_a_split_leaves_uncovered():
     assert uncovered(planted, [len(p) for p in planted]) == 0.0
     tails = sum(sum(p[spec.r :]) for p in planted)
     assert uncovered(planted, [spec.r] * len(names)) == pytest.approx(tails) and tails > 0
+
+
+def test_cap_bound_is_the_best_split_under_the_cap_and_covers_everything_at_the_planted_ranks():
+    """--cap-bound: with the planted energies as values the split covers what the cap allows and no more."""
+    planted = [[16.0, 9.0, 4.0, 1.0], [1.0], [], []]  # one module needs rank 4, one rank 1, two nothing
+    costs = [1, 1, 1, 1]
+    # budget 2 * 4 = 8 ranks; the cap 2r = 4 lets the first module take all of its need
+    ranks = best_split(planted, costs, r=2, cap=4)
+    assert ranks[0] == 4 and ranks[1] >= 1 and sum(ranks) <= 8
+    assert covered_share(planted, ranks, r=2) == 1.0
+    # under a cap of 3 the fourth direction (energy 1) stays uncovered: uniform leaves 4 + 1 = 5, the best 1
+    capped = best_split(planted, costs, r=2, cap=3)
+    assert capped[0] == 3
+    assert abs(covered_share(planted, capped, r=2) - (5 - 1) / 5) < 1e-12
+    # nothing uncovered at uniform rank: no share
+    assert covered_share([[1.0], []], [2, 2], r=2) is None
 
 
 def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by_the_kind_median():
