@@ -134,11 +134,12 @@ def coverage(stats: dict[str, dict], member_index: int, power: float, by_type: b
     costs = [next(c for m, c in costs_by_module.items() if n.endswith(m)) for n in names]
     values = [[v * stats[n]["consistency"] ** (power / 2) for v in stats[n]["spectrum"]] for n in names]
     if by_type:
-        medians = {
-            t: statistics.median(v[0] for n, v in zip(names, values) if module_kind(n) == t)
-            for t in map(module_kind, names)
-        }
-        values = [[v / medians[module_kind(n)] for v in vs] for n, vs in zip(names, values)]
+        kinds = [module_kind(n) for n in names]
+        tops: dict[str, list[float]] = {}
+        for kind, vs in zip(kinds, values):
+            tops.setdefault(kind, []).append(vs[0])
+        medians = {kind: statistics.median(t) for kind, t in tops.items()}
+        values = [[v / medians[kind] for v in vs] for kind, vs in zip(kinds, values)]
     cap = 2 * spec.r
     ranks = allocate_by_spectrum([[v * v for v in vs] for vs in values], costs, spec.r * sum(costs), 1, cap).ranks
     oracle = {i: rank for i, n in enumerate(names) for m, rank in spec.oracle_ranks.items() if n.endswith(m)}

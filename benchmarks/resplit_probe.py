@@ -43,6 +43,7 @@ from bench.methods import SHIPPED_DEFAULT  # noqa: E402
 from bench.records import result_path  # noqa: E402
 from bench.report import module_kind  # noqa: E402
 from bench.stats import spearman  # noqa: E402
+from bench.suites import SUITES  # noqa: E402
 from peft_adaptive.allocation import allocate_by_spectrum  # noqa: E402
 from peft_adaptive.scores import consistent_spectrum  # noqa: E402
 from peft_adaptive.scores.gradient_spectrum import gradient_spectra  # noqa: E402
@@ -131,6 +132,16 @@ def uncovered(planted: list[list[float]], ranks: list[int]) -> float:
     return sum(sum(energies[rank:]) for energies, rank in zip(planted, ranks))
 
 
+def covered_share(planted: list[list[float]], ranks: list[int], r: int) -> float | None:
+    """The share of uniform LoRA's (rank ``r``) uncovered planted energy that ``ranks`` cover; None: none uncovered."""
+    uniform = uncovered(planted, [r] * len(planted))
+    return None if uniform <= 1e-9 else (uniform - uncovered(planted, ranks)) / uniform
+
+
+def share_text(share: float | None, spec: str = ".2f") -> str:
+    return "-" if share is None else format(share, spec)
+
+
 def probe(index: int, seed: int, cache: Path | None) -> str:
     suite = f"family-{index:02d}"
     path = cache / f"{suite}-s{seed}.json" if cache else None
@@ -150,9 +161,8 @@ def probe(index: int, seed: int, cache: Path | None) -> str:
         )
         if rule == "default" and list(ranks.ranks) != seen["ranks"]:
             raise SystemExit(f"{suite} seed {seed}: the re-split default's ranks differ from the replayed run's")
-        left = uncovered(planted, ranks.ranks)
-        share = f"{(uniform - left) / uniform:+.2f}" if uniform > 1e-9 else "-"
-        line += f" | {rule} {left:.3f} ({share})"
+        share = share_text(covered_share(planted, ranks.ranks, m.r), "+.2f")
+        line += f" | {rule} {uncovered(planted, ranks.ranks):.3f} ({share})"
     totals = [sum(p) for p in planted]
     steps = SIGNAL_STEPS[m.teacher]
     readings = {
@@ -166,17 +176,11 @@ def probe(index: int, seed: int, cache: Path | None) -> str:
     return line + " || " + ", ".join(correlations)
 
 
-def covered_share(planted: list[list[float]], ranks: list[int], r: int) -> float | None:
-    """The share of uniform LoRA's (rank ``r``) uncovered planted energy that ``ranks`` cover; None: none uncovered."""
-    uniform = uncovered(planted, [r] * len(planted))
-    return None if uniform <= 1e-9 else (uniform - uncovered(planted, ranks)) / uniform
-
-
-def best_split(planted: list[list[float]], costs: list[int], r: int, cap: int) -> list[int]:
-    """The ranks at uniform LoRA's budget (``r`` everywhere) that leave the least planted energy uncovered with no
-    module above ``cap``: the planted energies are the values, so this bounds what any score can reach."""
+def best_split(planted: list[list[float]], costs: list[int], r: int, min_r: int, cap: int) -> list[int]:
+    """The ranks at uniform LoRA's budget (``r`` everywhere) that leave the least planted energy uncovered with every
+    module in ``min_r..cap``: the planted energies are the values, so this bounds what any score can reach."""
     values = [energies + [0.0] * max(0, cap - len(energies)) for energies in planted]
-    return list(allocate_by_spectrum(values, costs, r * sum(costs), 1, cap).ranks)
+    return list(allocate_by_spectrum(values, costs, r * sum(costs), min_r, cap).ranks)
 
 
 CAP_FACTORS = (2, 3, 4)
@@ -192,15 +196,15 @@ def cap_bound(index: int) -> str:
     line = (
         f"{suite} ({m.group}, {m.teacher}, r={m.r}, planted ranks {sorted((c.rank for c in m.changes), reverse=True)})"
     )
+    min_r = SUITES[suite].min_r
     for factor in CAP_FACTORS:
-        share = covered_share(planted, best_split(planted, costs, m.r, factor * m.r), m.r)
-        line += f" | best at {factor}r " + ("-" if share is None else f"{share:.2f}")
+        best = best_split(planted, costs, m.r, min_r, factor * m.r)
+        line += f" | best at {factor}r {share_text(covered_share(planted, best, m.r))}"
     for seed in range(3):
         path = result_path(suite, SHIPPED_DEFAULT, seed)
         if path.is_file():
             ranks = json.loads(path.read_text())["ranks"]
-            share = covered_share(planted, [ranks[n] for n in names], m.r)
-            line += f" | default seed {seed} " + ("-" if share is None else f"{share:.2f}")
+            line += f" | default seed {seed} {share_text(covered_share(planted, [ranks[n] for n in names], m.r))}"
     return line
 
 

@@ -120,11 +120,11 @@ def test_cap_bound_is_the_best_split_under_the_cap_and_covers_everything_at_the_
     planted = [[16.0, 9.0, 4.0, 1.0], [1.0], [], []]  # one module needs rank 4, one rank 1, two nothing
     costs = [1, 1, 1, 1]
     # budget 2 * 4 = 8 ranks; the cap 2r = 4 lets the first module take all of its need
-    ranks = best_split(planted, costs, r=2, cap=4)
+    ranks = best_split(planted, costs, r=2, min_r=1, cap=4)
     assert ranks[0] == 4 and ranks[1] >= 1 and sum(ranks) <= 8
     assert covered_share(planted, ranks, r=2) == 1.0
     # under a cap of 3 the fourth direction (energy 1) stays uncovered: uniform leaves 4 + 1 = 5, the best 1
-    capped = best_split(planted, costs, r=2, cap=3)
+    capped = best_split(planted, costs, r=2, min_r=1, cap=3)
     assert capped[0] == 3
     assert abs(covered_share(planted, capped, r=2) - (5 - 1) / 5) < 1e-12
     # nothing uncovered at uniform rank: no share
