@@ -224,13 +224,22 @@ def test_resume_is_bit_identical(tmp_path, resume_step):
     assert (adaptive.report is None) == (resume_step >= WARMUP)
 
 
-def test_signal_steps_not_shorter_than_the_run_is_an_error_unless_asked_for(tmp_path):
-    with pytest.raises(ValueError, match="signal_steps=8 is not shorter than the run"):
-        train(adaptive_model(max_r=12, signal_steps=8), tmp_path / "a", [AdaptiveLoraCallback()])
-    model = adaptive_model(max_r=12, signal_steps=8)
+def test_signal_steps_longer_than_the_run_is_an_error_unless_asked_for(tmp_path):
+    with pytest.raises(ValueError, match="signal_steps=9 is longer than the run"):
+        train(adaptive_model(max_r=12, signal_steps=9), tmp_path / "a", [AdaptiveLoraCallback()])
+    model = adaptive_model(max_r=12, signal_steps=9)
     with pytest.warns(UserWarning, match="training as plain LoRA"):
         train(model, tmp_path / "b", [AdaptiveLoraCallback(allow_plain_lora=True)])
     assert set(model.base_model.ranks().values()) == {4}
+
+
+def test_a_run_as_long_as_the_signal_steps_reallocates_at_its_last_step(tmp_path):
+    """A probe run (docs/usage.md, "Ranks from step 0"): it stops at the reallocation and saves the ranks."""
+    model = adaptive_model(max_r=12, signal_steps=8)
+    callback = AdaptiveLoraCallback()
+    trainer = train(model, tmp_path, [callback])
+    assert trainer.state.global_step == 8 and callback.reallocation_step == 8
+    assert model.peft_config["default"].reallocation_step == 8 and len(set(model.base_model.ranks().values())) > 1
 
 
 def test_callback_on_a_plain_lora_model_is_refused(tmp_path):
@@ -389,7 +398,7 @@ def test_warnings_are_clean_for_a_normal_run(tmp_path):
 def test_plugin_warnings_sees_warnings_that_point_elsewhere(tmp_path):
     """The recorder above catches the plugin's own stacklevel warnings, which name transformers' files."""
     with plugin_warnings() as ours:
-        train(adaptive_model(max_r=12, signal_steps=8), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
+        train(adaptive_model(max_r=12, signal_steps=9), tmp_path, [AdaptiveLoraCallback(allow_plain_lora=True)])
         warnings.warn("not the plugin's", UserWarning, stacklevel=1)
     assert len(ours) == 1 and ours[0].category is UserWarning
     assert "training as plain LoRA" in str(ours[0].message)

@@ -177,6 +177,35 @@ def test_usage_explicit_ranks():
     assert held_by(namespace["optimizer"]) == trainable(model)
 
 
+@runs(USAGE, "Ranks from step 0")
+def test_usage_ranks_from_step_0(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the blocks save to ./probe
+    probe_block, plain_block = python_blocks(USAGE, "Ranks from step 0")
+    namespace = {"base_model": tiny_llama(), "args": trainer_args(tmp_path, 200), "train_dataset": TokenDataset(8)}
+    run([probe_block], namespace)
+    probe = namespace["probe"]
+    assert probe.peft_config["default"].reallocation_step == 200  # the probe stopped at its reallocation
+    found = probe.base_model.ranks()
+    assert len(set(found.values())) > 1
+
+    run([plain_block], namespace)
+    model, config = namespace["model"], namespace["config"]
+    assert type(config).__name__ == "LoraConfig" and not config.inference_mode
+    layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+    assert {name: layer.r["default"] for name, layer in layers.items()} == found  # the probe's ranks, every module
+    assert list(model.peft_config) == ["default"]  # nothing of the probe's adapter is left in the base model
+    for layer in layers.values():
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0  # a fresh start
+        assert layer.lora_A["default"].weight.requires_grad and layer.lora_B["default"].weight.requires_grad
+        assert layer.scaling["default"] == config.lora_alpha / layer.r["default"]  # plain LoRA's scaling for its rank
+    budget = sum(r * (layers[name].in_features + layers[name].out_features) for name, r in found.items())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == budget
+
+
 @runs(CONFIGURATION, "`AdaptiveLoraConfig` fields")
 def test_configuration_example():
     config = run(python_blocks(CONFIGURATION, "`AdaptiveLoraConfig` fields"), {})["config"]

@@ -56,7 +56,7 @@ class AdaptiveLoraCallback(TrainerCallback):
 
     Args:
         adapter_name: the adapter to reallocate (default: the model's active adapter).
-        allow_plain_lora: when the run is not longer than ``signal_steps``, train it as plain LoRA
+        allow_plain_lora: when the run is shorter than ``signal_steps``, train it as plain LoRA
             (with a warning) instead of raising.
         trainer: the ``Trainer`` this callback is added to, for callbacks created after the trainer
             (``trainer.add_callback(AdaptiveLoraCallback(trainer=trainer))``, as TRL's callbacks do). Without
@@ -101,9 +101,9 @@ class AdaptiveLoraCallback(TrainerCallback):
         if self.reallocation_step is not None or state.global_step >= signal_steps:
             self._collecting = False
             return
-        if state.max_steps <= signal_steps:
+        if state.max_steps < signal_steps:  # equal: the reallocation is the run's last step (a probe run)
             message = (
-                f"AdaptiveLoraConfig.signal_steps={signal_steps} is not shorter than the run "
+                f"AdaptiveLoraConfig.signal_steps={signal_steps} is longer than the run "
                 f"(max_steps={state.max_steps}): the ranks would never be reallocated"
             )
             if not self.allow_plain_lora:
