@@ -142,17 +142,25 @@ def test_the_embedding_suites_are_their_text_suites_with_the_input_embedding_ada
             assert task.targets() == LLAMA_TARGETS + extra
 
 
-def test_full_fine_tuning_is_refused_on_smollm2_suites_before_any_run():
+def test_methods_that_cannot_run_on_a_suite_are_refused_before_any_run():
     from bench.peers import refuse_unfit
-    from bench.tasks import suite_model
+    from bench.suites import suite_model
+    from bench.tasks import task_class
 
     assert [suite_model(SUITES[s]) for s in ("planted", "glue-sst2", "distill-pinv")] == ["minilm"] * 3
     assert [suite_model(SUITES[s]) for s in ("clm-wiki", "clm-cipher", "family-01")] == ["smollm2"] * 3
     assert suite_model(SUITES["family-00"]) == "minilm"
-    refuse_unfit(parse_method("full"), "glue-sst2", "minilm")
-    refuse_unfit(parse_method("adalora"), "clm-wiki", "smollm2")
-    with pytest.raises(SystemExit, match="full fine-tuning runs on the MiniLM suites only, not on clm-wiki"):
-        refuse_unfit(parse_method("full+lr2x"), "clm-wiki", "smollm2")
+    for suite in SUITES.values():  # the name rule agrees with the model each task class loads
+        if "teacher" not in suite.settings:
+            assert suite_model(suite) == task_class(suite).model_name, suite.name
+    refuse_unfit(parse_method("full"), SUITES["glue-sst2"], "minilm")
+    refuse_unfit(parse_method("adalora"), SUITES["clm-wiki"], "smollm2")
+    with pytest.raises(
+        SystemExit, match=r"full\+lr2x: full fine-tuning runs on the MiniLM suites only .*not on clm-wiki"
+    ):
+        refuse_unfit(parse_method("full+lr2x"), SUITES["clm-wiki"], "smollm2")
+    with pytest.raises(SystemExit, match="AdaLoRA cannot adapt an nn.Embedding.*not on clm-wiki-emb"):
+        refuse_unfit(parse_method("adalora"), SUITES["clm-wiki-emb"], "smollm2")
 
 
 @pytest.mark.parametrize(
@@ -599,3 +607,22 @@ def test_every_score_the_harness_names_is_a_package_config():
         "score": default.score,
         "consistency_power": default.consistency_power,
     }
+
+
+def test_the_peers_table_marks_methods_that_cannot_run_on_a_suite(results_tree):
+    """'n/a' where a method cannot run (AdaLoRA on a budget with an embedding, full fine-tuning on SmolLM2), '–'
+    where it could but was not run."""
+    for seed, (lora, default) in enumerate([(3.40, 3.38), (3.41, 3.38), (3.39, 3.37)]):
+        for method, loss in (("lora", lora), (SHIPPED_DEFAULT, default)):
+            write(results_tree, [record(method, seed, 0, [2] * 6, suite="clm-wiki-emb", metrics={"eval_loss": loss})])
+    write(results_tree, [record("full", seed, 0.3, [0] * 6) for seed in range(3)])  # a full column on planted
+    report.report()
+    header, _, *rows = [line.split(" | ") for line in (results_tree / "summary.md").read_text().splitlines()[2:6]]
+    column = {name.strip("| "): i for i, name in enumerate(header)}
+    emb = next(row for row in rows if row[0].startswith("| clm-wiki-emb"))
+    planted = next(row for row in rows if row[0].startswith("| planted"))
+    assert emb[column["our default"]] == "-0.0233 ± 0.0143 **better** (3)"
+    assert [emb[column[c]] for c in ("AdaLoRA", "EVA ρ=2")] == ["n/a", "–"]
+    assert emb[column["full fine-tuning"]].strip(" |") == "n/a"
+    assert planted[column["AdaLoRA"]] == "–"
+    assert planted[column["full fine-tuning"]].strip(" |").endswith("**better** (3)")

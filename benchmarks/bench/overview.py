@@ -16,9 +16,15 @@ passes, the default's share of that gain, ``mean(default - hand rule) / mean(hin
 
 from __future__ import annotations
 
-from .methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_RANKS_FROM_START, SHIPPED_DEFAULT_SHUFFLED
+from .methods import (
+    SHIPPED_DEFAULT,
+    SHIPPED_DEFAULT_RANKS_FROM_START,
+    SHIPPED_DEFAULT_SHUFFLED,
+    parse_method,
+    unfit_reason,
+)
 from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
-from .suites import RETIRED, SUITES
+from .suites import RETIRED, SUITES, suite_model
 from .tables import CROSSES_MACHINES_NOTE, PEER_COLUMNS, Results, diff_cell, machines_mark, markdown_table, share_cell
 
 RANK_BINDS, CAN_PAY = "lora-4x", "fixed-hindsight-random"
@@ -186,7 +192,9 @@ def peer_rows(tree: Tree) -> list[list[str]]:
         cells = [f"{sum(values) / len(values):.4f} ({len(values)})"]
         differences = peer_differences(name, results)
         cells += [
-            diff_cell(differences.get(m), suite.higher_is_better) + machines_mark(results.get(m), results["lora"])
+            "n/a"
+            if m not in differences and unfit_reason(parse_method(m), suite, suite_model(suite))
+            else diff_cell(differences.get(m), suite.higher_is_better) + machines_mark(results.get(m), results["lora"])
             for m in columns
             if m != "lora"
         ]
@@ -204,7 +212,9 @@ PEERS_NOTE = (
     "when the interval excludes 0 (inside otherwise), (seeds); the uniform LoRA column is its mean metric (seeds). "
     "Every method at the suite's learning rate and the same final budget as uniform LoRA at rank r (AdaLoRA and EVA "
     "budget ranks, not parameters: their counts are in each suite's table); LoRA 4× (4× the budget) and the "
-    "hindsight allocation are references, not competitors. '–': not run. " + CROSSES_MACHINES_NOTE
+    "hindsight allocation are references, not competitors. '–': not run; 'n/a': the method cannot run there "
+    "(PEFT's AdaLoRA cannot adapt an embedding; full fine-tuning runs on the MiniLM suites only, this CPU). "
+    + CROSSES_MACHINES_NOTE
 )
 
 

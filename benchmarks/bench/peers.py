@@ -33,6 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import common
+from .methods import unfit_reason
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -43,15 +44,15 @@ ADALORA_DELTA_T = 10
 ADALORA_FINAL_SHARE = 0.2  # tfinal as a share of the steps
 
 
-def refuse_unfit(method: Method, suite_name: str, model_name: str) -> None:
-    """SystemExit where a method cannot run on a suite: full fine-tuning only on the MiniLM suites (this CPU)."""
-    if method.kind == "full" and model_name != "minilm":
-        raise SystemExit(f"full fine-tuning runs on the MiniLM suites only, not on {suite_name} ({model_name})")
+def refuse_unfit(method: Method, suite: Suite, model_name: str) -> None:
+    """SystemExit where a method cannot run on a suite (``methods.unfit_reason``)."""
+    if reason := unfit_reason(method, suite, model_name):
+        raise SystemExit(f"{method.name}: {reason}; not on {suite.name} ({model_name})")
 
 
 def build(method: Method, task: Task, model):
     """Wrap ``model`` for a peer method (``adalora``, ``eva``: before EVA's initialisation; ``full``: unchanged)."""
-    refuse_unfit(method, task.suite.name, task.model_name)
+    refuse_unfit(method, task.suite, task.model_name)
     if method.kind == "full":
         return model.requires_grad_(True)
     if method.kind == "adalora":

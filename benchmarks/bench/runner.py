@@ -25,8 +25,8 @@ from .methods import (
     signal_steps,
 )
 from .records import result_path
-from .suites import SUITES, Suite, apply_overrides
-from .tasks import Task, make_task, suite_model
+from .suites import SUITES, Suite, apply_overrides, suite_model
+from .tasks import Task, make_task
 
 Job = tuple[str, str, int]  # (suite, method, seed)
 CLIP_NORM = 1.0  # every run clips the global gradient norm of its trainable parameters to this
@@ -285,7 +285,7 @@ def run_jobs(args: argparse.Namespace, script: str) -> None:
     for name in args.methods:  # refuse an unknown name, or a method that cannot run on a suite, before any run
         method = parse_method(name)
         for suite in args.suite:
-            peers.refuse_unfit(method, suite, suite_model(SUITES[suite]))
+            peers.refuse_unfit(method, SUITES[suite], suite_model(SUITES[suite]))
     print(
         f"{len(jobs)} runs to do ({sum(1 for _ in args.methods) * len(args.seeds) * len(args.suite) - len(jobs)} done)"
     )

@@ -163,6 +163,12 @@ SUITES.update({suite.name: suite for suite in map(family_suite, range(family.FAM
 LR_VARIANT_OF = {"clm-wiki-lr4e-3": "clm-wiki", "clm-news-lr4e-3": "clm-news", "distill-lr5e-3": "distill"}
 
 
+def suite_model(suite: Suite) -> str:
+    """The pretrained model ``suite`` trains, ``"minilm"`` or ``"smollm2"``, without loading anything: a family
+    member's teacher, SmolLM2 for the causal-LM suites, MiniLM for the others (each task class's ``model_name``)."""
+    return suite.settings.get("teacher") or ("smollm2" if suite.name.startswith("clm") else "minilm")
+
+
 def apply_overrides(overrides: list[str]) -> None:
     """``--set steps=10 warmup=3``: change the suites' settings (smoke tests; results go with them)."""
     for item in overrides:

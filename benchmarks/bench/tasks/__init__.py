@@ -17,7 +17,6 @@ __all__ = [
     "PlantedTask",
     "Task",
     "make_task",
-    "suite_model",
     "task_class",
 ]
 
@@ -40,8 +39,3 @@ def task_class(suite: Suite) -> type[Task]:
 def make_task(suite: Suite) -> Task:
     """The task of ``suite`` (loads its data and models)."""
     return task_class(suite)(suite)
-
-
-def suite_model(suite: Suite) -> str:
-    """The pretrained model ``suite`` trains, ``"minilm"`` or ``"smollm2"``, without loading anything."""
-    return suite.settings.get("teacher") or task_class(suite).model_name
