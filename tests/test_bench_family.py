@@ -18,6 +18,7 @@ from bench.transforms import letter_cipher, text_transform, without_spaces  # no
 from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
 from resplit_probe import best_split, by_kind, covered_share, planted_energies, rule_values, uncovered  # noqa: E402
+from score_flatness_probe import normalised_entropy, top_share  # noqa: E402
 
 
 def test_the_cipher_is_a_fixed_letter_permutation_without_fixed_points():
@@ -192,3 +193,12 @@ def test_probe_consistencies_are_one_for_identical_steps_and_tokens_and_fall_for
     for _ in range(4):
         accumulate(noisy, *(torch.randn(5, k, generator=generator, dtype=torch.float64) for k in (3, 4)))
     assert module_statistics(noisy)["consistency"] < 0.8
+
+
+def test_score_flatness_probe_reads_equal_scores_as_flat_and_one_module_as_concentrated():
+    assert normalised_entropy([2.0] * 8) == pytest.approx(1.0)
+    assert normalised_entropy([1.0, 0.0, 0.0]) == 0.0  # one module holds everything
+    assert 0 < normalised_entropy([4.0, 2.0, 1.0, 1.0]) < 1
+    assert top_share([1.0] * 20) == pytest.approx(0.1)  # the top tenth of equal values holds a tenth
+    assert top_share([7.0, 1.0, 1.0, 1.0]) == pytest.approx(0.7)  # at least one value: the largest
+    assert top_share(list(range(1, 21)), 0.1) == pytest.approx((20 + 19) / 210)
