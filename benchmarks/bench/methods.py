@@ -195,15 +195,6 @@ def with_lr_factor(name: str, factor: float) -> str:
     return name if factor == 1 else f"{name}+lr{factor:g}x"
 
 
-def unfit_reason(method: Method, suite: Suite, model_name: str) -> str | None:
-    """Why ``method`` cannot run on ``suite`` (which trains ``model_name``), or ``None`` where it can."""
-    if method.kind == "full" and model_name != "minilm":
-        return "full fine-tuning runs on the MiniLM suites only (this CPU)"
-    if method.kind == "adalora" and suite.settings.get("embeddings"):
-        return "PEFT's AdaLoRA cannot adapt an nn.Embedding, and this suite's budget holds one"
-    return None
-
-
 def method_lr(method: Method, suite: Suite) -> float:
     """The learning rate a method trains at: the suite's (full fine-tuning: ``FULL_LR``) times its ``+lr`` factor."""
     return (FULL_LR if method.kind == "full" else suite.lr) * method.lr_factor

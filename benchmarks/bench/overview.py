@@ -21,8 +21,8 @@ from .methods import (
     SHIPPED_DEFAULT_RANKS_FROM_START,
     SHIPPED_DEFAULT_SHUFFLED,
     parse_method,
-    unfit_reason,
 )
+from .peers import unfit_reason
 from .stats import Diff, fieller, is_better, paired, paired_differences, verdict
 from .suites import RETIRED, SUITES, suite_model
 from .tables import CROSSES_MACHINES_NOTE, PEER_COLUMNS, Results, diff_cell, machines_mark, markdown_table, share_cell

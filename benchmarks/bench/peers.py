@@ -33,7 +33,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import common
-from .methods import unfit_reason
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -44,8 +43,17 @@ ADALORA_DELTA_T = 10
 ADALORA_FINAL_SHARE = 0.2  # tfinal as a share of the steps
 
 
+def unfit_reason(method: Method, suite: Suite, model_name: str) -> str | None:
+    """Why ``method`` cannot run on ``suite`` (which trains ``model_name``), or ``None`` where it can."""
+    if method.kind == "full" and model_name != "minilm":
+        return "full fine-tuning runs on the MiniLM suites only (this CPU)"
+    if method.kind == "adalora" and suite.settings.get("embeddings"):
+        return "PEFT's AdaLoRA cannot adapt an nn.Embedding, and this suite's budget holds one"
+    return None
+
+
 def refuse_unfit(method: Method, suite: Suite, model_name: str) -> None:
-    """SystemExit where a method cannot run on a suite (``methods.unfit_reason``)."""
+    """SystemExit where a method cannot run on a suite (:func:`unfit_reason`)."""
     if reason := unfit_reason(method, suite, model_name):
         raise SystemExit(f"{method.name}: {reason}; not on {suite.name} ({model_name})")
 
