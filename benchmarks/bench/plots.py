@@ -19,11 +19,11 @@ class SuiteRow:
     differences: dict[str, tuple[float, float]]
 
 
-def forest_plot(rows: list[SuiteRow], labels: dict[str, str], path: Path) -> bool:
-    """Draw one panel per suite (its own x scale), one marker per method in ``labels`` (shared legend, a method
-    without runs on a suite has no marker there); "lower is better" suites are flipped so that right is better.
-    Returns False (and writes nothing) when no suite has a difference to draw."""
-    rows = [row for row in rows if row.differences]
+def forest_plot(rows: list[SuiteRow], labels: dict[str, str], path: Path, columns: int = 2) -> bool:
+    """Draw one panel per suite (its own x scale), ``columns`` panels a row, one marker per method in ``labels``
+    (shared legend above; a method without runs on a suite has no marker there); "lower is better" suites are
+    flipped so that right is better. Returns False (and writes nothing) when no suite has a difference to draw."""
+    rows = [row for row in rows if any(m in row.differences for m in labels)]
     if not rows:
         return False
     import matplotlib
@@ -32,9 +32,12 @@ def forest_plot(rows: list[SuiteRow], labels: dict[str, str], path: Path) -> boo
     import matplotlib.pyplot as plt
 
     methods = [m for m in labels if any(m in row.differences for row in rows)]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(7.5, 0.9 + 0.32 * len(methods) * len(rows)), squeeze=False)
+    columns = min(columns, len(rows))
+    grid = -(-len(rows) // columns)  # panel rows, rounded up
+    panel_height = 0.55 + 0.2 * len(methods)
+    fig, axes = plt.subplots(grid, columns, figsize=(6.0 * columns, panel_height * grid), squeeze=False)
     colours = plt.get_cmap("tab10")
-    for ax, row in zip(axes[:, 0], rows):
+    for ax, row in zip(axes.flat, rows):
         sign = 1.0 if row.higher_is_better else -1.0
         for slot, method in enumerate(methods):
             if method not in row.differences:
@@ -52,17 +55,21 @@ def forest_plot(rows: list[SuiteRow], labels: dict[str, str], path: Path) -> boo
         ax.axvline(0.0, color="0.5", linewidth=0.8)
         ax.set_yticks([])
         ax.set_ylim(-len(methods) + 0.4, 0.6)
-        flipped = "" if row.higher_is_better else ", lower is better: flipped"
+        flipped = " (lower is better: flipped)" if not row.higher_is_better else ""
         ax.set_title(f"{row.suite}: {row.metric}{flipped}", fontsize=9, loc="left")
         ax.tick_params(axis="x", labelsize=8)
-    axes[-1, 0].set_xlabel("difference to uniform LoRA, paired by seed, 95% t interval (right = better)")
+    for ax in axes.flat[len(rows) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("difference to uniform LoRA, paired by seed, 95% t interval (right = better)", fontsize=8)
     handles = {}
-    for ax in axes[:, 0]:
+    for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
+    legend_rows = -(-len(handles) // 4)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.15 + 0.22 * legend_rows) / fig.get_figheight()))
     fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(4, len(handles)), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": nothing of the legend is cut off
     plt.close(fig)
     return True

@@ -15,7 +15,7 @@ from .overview import calibration_summary, overview_suites, peer_differences, pe
 from .plots import SuiteRow, forest_plot
 from .records import final_ranks, load_results, results_root
 from .stats import paired, per_seed_differences, spearman, verdict
-from .suites import LR_VARIANT_OF, SUITES, Suite
+from .suites import LR_VARIANT_OF, RETIRED, SUITES, Suite
 from .tables import PEER_COLUMNS, Results, method_order
 from .tuning import tuning_section
 
@@ -230,10 +230,19 @@ def hindsight_runs(suite: Suite, results: Results) -> dict[int, dict]:
     }
 
 
+#: the forest plot's methods: the README table's (the earlier defaults stay in the report's tables)
+FOREST_METHODS = (SHIPPED_DEFAULT, "adalora", "eva", "eva-rho1", "full", "lora-4x", "fixed-hindsight-random")
+
+
+FOREST_LABELS = {method: PEER_COLUMNS[method] for method in FOREST_METHODS}
+
+
 def forest_rows(tree: dict[str, Results]) -> list[SuiteRow]:
-    """The forest plot's panels: the peers summary's differences (those with an interval)."""
+    """The forest plot's panels: the peers summary's differences (those with an interval), retired suites aside."""
     rows = []
     for name, results in tree.items():
+        if name in RETIRED:
+            continue
         suite = SUITES[name]
         differences = {m: (d[0], d[2]) for m, d in peer_differences(name, results).items() if d is not None}
         rows.append(SuiteRow(name, suite.metric, suite.higher_is_better, differences))
@@ -257,7 +266,7 @@ def report(suites: list[str] | None = None) -> str:
     lines = [
         *calibration_summary(overview),
         *peers_summary(overview),
-        "![forest plot](forest.png)" if forest_plot(forest_rows(overview), PEER_COLUMNS, root / "forest.png") else "",
+        "![forest plot](forest.png)" if forest_plot(forest_rows(overview), FOREST_LABELS, root / "forest.png") else "",
         "",
         *tuning_section(tree),
         *family_section(family),
