@@ -232,8 +232,6 @@ def hindsight_runs(suite: Suite, results: Results) -> dict[int, dict]:
 
 #: the forest plot's methods: the README table's (the earlier defaults stay in the report's tables)
 FOREST_METHODS = (SHIPPED_DEFAULT, "adalora", "eva", "eva-rho1", "full", "lora-4x", "fixed-hindsight-random")
-
-
 FOREST_LABELS = {method: PEER_COLUMNS[method] for method in FOREST_METHODS}
 
 
