@@ -12,18 +12,20 @@ concentrated its scores were, next to what the run gained over uniform LoRA and 
 A rule of that kind can only help if the member where every module needs about the same rank (family-07) reads
 flatter than the members where the default wins.
 
-    python benchmarks/score_flatness_probe.py [--results DIR]
+    python benchmarks/score_flatness_probe.py   # $PEFT_ADAPTIVE_ALLOCATION_RESULTS: another results tree
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
+import sys
 from pathlib import Path
 
-DEFAULT = "warm-consistent_spectrum4-random+max2r+reset"
-RESULTS = Path(__file__).resolve().parent / "results" / "allocation"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.methods import SHIPPED_DEFAULT  # noqa: E402
+from bench.records import load_results, results_root  # noqa: E402
+from bench.stats import paired_differences  # noqa: E402
 
 
 def normalised_entropy(values: list[float]) -> float:
@@ -38,37 +40,31 @@ def top_share(values: list[float], fraction: float = 0.1) -> float:
     return sum(ordered[: max(1, int(len(ordered) * fraction))]) / sum(ordered)
 
 
-def metric(path: Path) -> float | None:
-    return json.loads(path.read_text())["metrics"]["gap_closed"] if path.is_file() else None
-
-
-def rows(root: Path):
-    for member in sorted(root.glob("family-*")):
-        for record_path in sorted((member / DEFAULT).glob("seed*.json")):
-            record = json.loads(record_path.read_text())
-            lora = metric(member / "lora" / record_path.name)
-            if lora is None:
-                continue
-            oracle = metric(member / "oracle" / record_path.name)
-            scores = record["allocation"]["scores"]
+def rows():
+    """Per family member and seed with both a default and a ``lora`` run: the table's values."""
+    for member in sorted(path.name for path in results_root().glob("family-*") if path.is_dir()):
+        results = load_results(member)
+        default = results.get(SHIPPED_DEFAULT, {})
+        gains = paired_differences(default, results.get("lora", {}), "gap_closed")
+        oracle_gains = paired_differences(results.get("oracle", {}), results.get("lora", {}), "gap_closed")
+        for seed, gain in gains.items():
+            allocation = default[seed]["allocation"]
+            scores = allocation["scores"]
             yield (
-                member.name,
-                record["seed"],
+                member,
+                seed,
                 normalised_entropy(scores),
                 top_share(scores),
-                record["allocation"]["predicted_gain"],
-                record["metrics"]["gap_closed"] - lora,
-                None if oracle is None else oracle - lora,
+                allocation["predicted_gain"],
+                gain,
+                oracle_gains.get(seed),
             )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
     print("| member | seed | H | top10% | gain | default − lora | oracle − lora |")
     print("|---|---|---|---|---|---|---|")
-    for member, seed, entropy, top, gain, default, oracle in rows(args.results):
+    for member, seed, entropy, top, gain, default, oracle in rows():
         gap = "–" if oracle is None else f"{oracle:+.3f}"
         print(f"| {member} | {seed} | {entropy:.2f} | {top:.2f} | {gain:.3f} | {default:+.3f} | {gap} |")
 
