@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MARKERS = "osD^vP*Xhp"
+LEGEND_COLUMNS = 4
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,9 @@ def forest_plot(rows: list[SuiteRow], labels: dict[str, str], path: Path, column
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    legend_rows = -(-len(handles) // 4)
+    legend_rows = -(-len(handles) // LEGEND_COLUMNS)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.15 + 0.22 * legend_rows) / fig.get_figheight()))
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(4, len(handles)), fontsize=8)
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(LEGEND_COLUMNS, len(handles)), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": nothing of the legend is cut off
     plt.close(fig)
