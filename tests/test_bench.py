@@ -58,6 +58,7 @@ from bench.suites import SUITES  # noqa: E402
         ("lora-4x+lr2x", Method("lora-4x+lr2x", "lora", rank_factor=4, lr_factor=2.0)),
         ("adalora+lr2x", Method("adalora+lr2x", "adalora", lr_factor=2.0)),
         ("eva-rho1+lr1x", Method("eva-rho1+lr1x", "eva", eva_rho=1.0)),
+        ("warm-norms-random+eva", Method("warm-norms-random+eva", "warm", "norms", "random", eva_rho=1.0)),
         (
             "warm-consistent_spectrum2-random+max2r+reset+gate1.02",
             Method(
@@ -181,6 +182,7 @@ def test_methods_that_cannot_run_on_a_suite_are_refused_before_any_run():
         ("fixed-norms-random+gate1.02", "\\+gate<g> \\(min_predicted_gain=g"),
         ("eva+lr0x", "needs k > 0"),
         ("eva-rho3", "unknown method 'eva-rho3'"),
+        ("calib-norms-random+eva", "\\+eva \\(EVA's initialisation at rho=1\\) for warm/grow/prune"),
     ],
 )
 def test_parse_method_refuses_with_the_grammar(name, message):

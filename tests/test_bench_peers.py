@@ -71,7 +71,7 @@ SUITE = Suite("tiny", r=2, lora_alpha=4, lr=1e-2, steps=6, warmup=2, batch_size=
 @pytest.fixture(scope="module")
 def records() -> dict[str, dict]:
     task = TinyTask(SUITE)
-    names = ["lora", SHIPPED_DEFAULT, "adalora", "eva", "eva-rho1", "lora+lr2x"]
+    names = ["lora", SHIPPED_DEFAULT, "adalora", "eva", "eva-rho1", "lora+lr2x", SHIPPED_DEFAULT + "+eva"]
     return {name: runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task) for name in names}
 
 
@@ -117,6 +117,15 @@ def test_eva_records(records):
         ranks = records[name]["ranks"]
         assert sum(ranks.values()) == 2 * 8 and max(ranks.values()) <= 2 * rho
     assert set(records["eva-rho1"]["ranks"].values()) == {2}  # rho=1: EVA's init at uniform ranks
+
+
+def test_default_from_evas_initialisation_reallocates_after_it(records):
+    started = records[SHIPPED_DEFAULT + "+eva"]
+    assert started["eva"]["rho"] == 1.0 and started["eva"]["eva_batches"] == SUITE.warmup
+    assert started["allocation"]["step"] == SUITE.warmup and started["allocation"]["scores"]  # ours, after EVA's
+    assert started["cost"]["init_seconds"] > 0 and started["cost"]["reallocation_seconds"] is not None
+    # same seed, same data, same allocation rule: only the starting A differs, so training does
+    assert started["metrics"] != records[SHIPPED_DEFAULT]["metrics"]
 
 
 def test_shipped_default_reallocates_and_lr_variant_differs(records):

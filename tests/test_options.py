@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.config import (
     ArrowConfig,
@@ -28,13 +28,15 @@ from peft.tuners.lora.config import (
     VeloraConfig,
 )
 from torch import nn
+from transformers import Trainer
 
-from peft_adaptive import AdaptiveLoraConfig
+from peft_adaptive import AdaptiveLoraCallback, AdaptiveLoraConfig
 from peft_adaptive.options import INIT_LORA_WEIGHTS, LORA_OPTIONS, REFUSED, init_lora_weights_values
 from peft_adaptive.variants import base_matrix, update_factors
 
 from .fresh_process import load_adapters
-from .tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch
+from .test_callback import training_args
+from .tiny_models import VOCAB, TokenDataset, adaptive_model, tiny_gpt2, tiny_llama, token_batch
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -95,6 +97,7 @@ class Case:
     tol: float = 0.0  # grow and reload: largest allowed |difference| of the outputs
     residual_base: bool = False  # the init changes the base weight: save that base with the adapter
     prepare: object = None  # prepare(base_model, config, inputs): a preprocessing pass PEFT needs before injection
+    initialise: object = None  # initialise(peft_model, inputs): an initialisation pass PEFT runs after injection
     inputs: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -105,6 +108,10 @@ def _loraga_gradients(base: nn.Module, config: LoraConfig, inputs: torch.Tensor)
         base(input_ids=inputs, labels=inputs).loss.backward()
 
     preprocess_loraga(base, config, train_step=train_step)
+
+
+def _eva_init(model: nn.Module, inputs: torch.Tensor) -> None:
+    initialize_lora_eva_weights(model, [{"input_ids": inputs}], show_progress_bar=False)
 
 
 def _cases() -> list[Case]:
@@ -152,6 +159,13 @@ def _cases() -> list[Case]:
             prepare=_loraga_gradients,
         ),
         Case("mica", "llama", {**llama, "init_lora_weights": "mica"}, ("mica",)),
+        Case(
+            "eva",
+            "llama",
+            {**llama, "init_lora_weights": "eva", "eva_config": EvaConfig(rho=1.0)},
+            ("eva", "eva_config"),
+            initialise=_eva_init,
+        ),
         Case("kasa", "llama", {**llama, "kasa_config": KasaConfig()}, ("kasa_config",), tol=2e-5),
         Case(
             "monteclora",
@@ -249,6 +263,8 @@ def _run_case(case: Case, folder: Path, resize_scaling: str) -> dict:
     if case.prepare is not None:
         case.prepare(base, config, case.inputs)
     model = get_peft_model(base, config)
+    if case.initialise is not None:
+        case.initialise(model, case.inputs)
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for _ in range(2):  # B != 0, so that the shrink has an update to approximate
@@ -390,6 +406,39 @@ def test_refused_init_raises_at_get_peft_model_naming_it(value):
         get_peft_model(
             tiny_llama(), AdaptiveLoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=value, **extra)
         )
+
+
+@pytest.mark.parametrize("eva_config", [None, EvaConfig(rho=2.0)], ids=["peft-default", "rho2"])
+def test_eva_rank_redistribution_is_refused_naming_rho(eva_config):
+    message = r"LoraConfig\.eva_config\.rho=2\.0 is not supported by AdaptiveLoraConfig: .*EvaConfig\(rho=1\.0\)"
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(
+            tiny_llama(),
+            AdaptiveLoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva", eva_config=eva_config),
+        )
+
+
+def test_eva_initialised_adapter_trains_and_reallocates_through_the_trainer(tmp_path):
+    model = adaptive_model("llama", init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+    tuner = model.base_model
+    kaiming = {n: m.lora_A["default"].weight.detach().clone() for n, m in tuner.adapted_modules().items()}
+    batches = [{"input_ids": token_batch(4, 16, seed=s)} for s in range(4)]
+    initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    for name, module in tuner.adapted_modules().items():
+        a = module.lora_A["default"].weight.detach()
+        assert not torch.equal(a, kaiming[name]), name
+        # EVA's rows: orthonormal principal directions of the module's inputs
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-4, rtol=0)
+    budget = tuner.param_budget()
+    Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=TokenDataset(64), callbacks=[AdaptiveLoraCallback()]
+    ).train()
+    ranks = tuner.ranks()
+    assert len(set(ranks.values())) > 1, ranks  # reallocated after the signal steps
+    assert 0 < tuner.adapter_param_count() <= budget
+    model.save_pretrained(tmp_path / "adapter")
+    saved = LoraConfig.from_pretrained(tmp_path / "adapter")
+    assert saved.init_lora_weights is True  # the saved weights replace the start: no data pass at load time
 
 
 def test_bdlora_layer_resize_error_names_the_option_without_contradiction():

@@ -21,7 +21,8 @@ every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more
 ``...+reset`` restarts the optimizer state of every resized module (``optimizer_state="reset"``) instead of
 migrating a grown module's moments; ``...+rankscale`` gives every resized module the scaling of its new rank
 (``resize_scaling="rank"``) instead of keeping the one it trained with; ``...+gate<g>`` keeps the uniform ranks
-where the score's predicted gain is below ``g`` (``min_predicted_gain``). ``fixed-<alloc>-<growth>``
+where the score's predicted gain is below ``g`` (``min_predicted_gain``); ``...+eva`` starts every ``lora_A`` from
+EVA's initialisation at ``rho=1`` (uniform ranks; ``init_lora_weights="eva"``), on the batches the ``eva`` peers use. ``fixed-<alloc>-<growth>``
 is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run (or its ``+reset``
 run) of the same seed ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 ``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
@@ -114,7 +115,7 @@ class Method:
     signal_steps: int | None = None  # warm/grow: overrides the suite's warmup (``...+s<N>``)
     max_r_factor: int | None = None  # overrides the suite's max_r = max_r_factor * r (``...+max<K>r``)
     lr_factor: float = 1.0  # multiplies the suite's learning rate (``...+lr<k>x``)
-    eva_rho: float | None = None  # eva only: EvaConfig.rho
+    eva_rho: float | None = None  # EvaConfig.rho of EVA's initialisation: the eva peers, warm/grow/prune with +eva
     optimizer_state: str = "migrate"  # AdaptiveLoraConfig.optimizer_state (``...+reset``: "reset")
     resize_scaling: str = "keep"  # AdaptiveLoraConfig.resize_scaling (``...+rankscale``: "rank")
     min_predicted_gain: float = 0.0  # AdaptiveLoraConfig.min_predicted_gain (``...+gate<g>``, e.g. +gate1.02)
@@ -139,8 +140,9 @@ def parse_method(name: str) -> Method:
 
 SUFFIX_GRAMMAR = (
     "the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r (max_r = K * r, K >= 1, e.g. +max2r) for "
-    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset'), +rankscale (resize_scaling='rank') "
-    "and +gate<g> (min_predicted_gain=g, e.g. +gate1.02) for warm/grow/prune methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
+    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset'), +rankscale (resize_scaling='rank'), "
+    "+gate<g> (min_predicted_gain=g, e.g. +gate1.02) and +eva (EVA's initialisation at rho=1) for warm/grow/prune "
+    "methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
 )
 
 
@@ -182,6 +184,8 @@ def _with_suffix(name: str, method: Method, suffix: str) -> Method:
         return replace(method, resize_scaling="rank")
     if method.kind in SIGNAL_STEP_KINDS and (gain := re.fullmatch(r"gate(\d+(?:\.\d+)?)", suffix)):
         return replace(method, min_predicted_gain=float(gain[1]))
+    if suffix == "eva" and method.kind in SIGNAL_STEP_KINDS:
+        return replace(method, eva_rho=1.0)
     raise SystemExit(f"unknown method {name!r}: {SUFFIX_GRAMMAR}")
 
 
@@ -402,7 +406,13 @@ def build(method: Method, task: Task, model, seed: int = 0):
             resize_scaling=method.resize_scaling,
             min_predicted_gain=method.min_predicted_gain,
         )
-    peft_model = get_peft_model(model, AdaptiveLoraConfig(**adaptive_kwargs))
+    if method.eva_rho is not None:  # EVA's initialisation, as the eva peers get it (peers.build_eva, init_eva)
+        from peft import EvaConfig
+
+        adaptive_kwargs.update(init_lora_weights="eva", eva_config=EvaConfig(rho=method.eva_rho))
+    peft_model = get_peft_model(
+        model, AdaptiveLoraConfig(**adaptive_kwargs), low_cpu_mem_usage=method.eva_rho is not None
+    )
     if method.kind in ("grow", "prune"):
         # the package's default budget is uniform LoRA at the warmup rank; rescale it to rank r
         tuner = peft_model.base_model

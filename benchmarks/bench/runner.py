@@ -108,8 +108,9 @@ def optimizer_and_schedule(params: list, method: Method, suite: Suite) -> tuple[
 
 
 def initialise(method: Method, task: Task, model, seed: int, calib_batches: int) -> dict[str, Any]:
-    """What a method does before its first step: calibration (``report``) or EVA's initialisation (``eva``)."""
-    if method.kind == "eva":
+    """What a method does before its first step: calibration (``report``) or EVA's initialisation (``eva``: the
+    ``eva`` peers, and an adaptive run with ``+eva``)."""
+    if method.eva_rho is not None:
         return {"eva": peers.init_eva(model, task, seed)}
     if method.kind != "calib":
         return {}
@@ -214,12 +215,10 @@ def budget_record(model, method: Method) -> dict[str, Any]:
 
 
 def allocation_record(report, eva: dict | None) -> dict | None:
-    """The allocation event: our reallocation or calibration (its step, scores, removed modules), or EVA's
-    initialisation (step 0, the modules it gave rank 0)."""
-    if eva is not None:
-        return {"step": 0, "scores": None, "removed": eva["removed"], "by": "eva"}
+    """The allocation event: our reallocation or calibration (its step, scores, removed modules), or, where there is
+    none, EVA's initialisation (step 0, the modules it gave rank 0)."""
     if report is None:
-        return None
+        return None if eva is None else {"step": 0, "scores": None, "removed": eva["removed"], "by": "eva"}
     return {
         "step": report.step,
         "scores": report.scores,
@@ -258,7 +257,7 @@ def peer_record(model, method: Method, task: Task, before_training: dict) -> dic
     """The peers' own facts: AdaLoRA's schedule and final budget, EVA's initialisation."""
     if method.kind == "adalora":
         return {"adalora": peers.adalora_record(model, task.suite)}
-    if method.kind == "eva":
+    if "eva" in before_training:  # the eva peers, and an adaptive run started from EVA's initialisation
         return {"eva": {k: v for k, v in before_training["eva"].items() if k != "removed"}}
     return {}
 

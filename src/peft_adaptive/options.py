@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from peft import LoraConfig
+from peft import EvaConfig, LoraConfig
 
 RESIZED = "resized"  # rank-sized tensors or the update's maths, handled by the resize
 NO_EFFECT = "accepted, no effect on resizing"
@@ -87,7 +87,9 @@ LORA_OPTIONS: dict[str, Option] = {
     "runtime_config": Option(NO_EFFECT, "runtime-only settings (ephemeral GPU offload), never saved"),
     # sub-configs of init_lora_weights values
     "loftq_config": Option(NO_EFFECT, "settings of init_lora_weights='loftq' (refused, see there)"),
-    "eva_config": Option(NO_EFFECT, "settings of init_lora_weights='eva' (refused, see there); ignored otherwise"),
+    "eva_config": Option(
+        NO_EFFECT, "settings of init_lora_weights='eva': rho must be 1 (see there); ignored for other initialisations"
+    ),
     "corda_config": Option(NO_EFFECT, "settings of init_lora_weights='corda' (refused, see there)"),
     "lora_ga_config": Option(NO_EFFECT, "settings of init_lora_weights='lora_ga' (see there)"),
     "init_lora_weights": Option(RESIZED, "per value, see INIT_LORA_WEIGHTS"),
@@ -169,9 +171,11 @@ INIT_LORA_WEIGHTS: dict[Any, Option] = {
         "the base weight, as PiSSA does: the resize works on B A on top of that base; save it with the adapter",
     ),
     "eva": Option(
-        REFUSED,
-        "EVA allocates per-module ranks itself from activation SVDs (rank redistribution, rewrites rank_pattern) "
-        "after get_peft_model; two rank allocators would overwrite each other. Use one of them",
+        NO_EFFECT,
+        "EVA's starting A (principal directions of each module's inputs, from initialize_lora_eva_weights after "
+        "get_peft_model), B = 0; the resize works on B A as for any adapter. Only at eva_config.rho=1 (uniform "
+        "ranks): EVA's rank redistribution (rho > 1) would be a second rank allocator. Saved as "
+        "init_lora_weights=True: the saved weights replace the starting values",
     ),
     "mica": Option(
         RESIZED,
@@ -231,6 +235,16 @@ def check_lora_options(config: LoraConfig) -> None:
             f"LoraConfig.init_lora_weights={config.init_lora_weights!r} is not supported by AdaptiveLoraConfig: "
             f"{init.why}"
         )
+    if config.init_lora_weights == "eva":
+        eva = config.eva_config if config.eva_config is not None else EvaConfig()  # what PEFT fills in: rho=2
+        rho = eva.get("rho", EvaConfig().rho) if isinstance(eva, dict) else eva.rho
+        if rho != 1:
+            raise ValueError(
+                f"LoraConfig.eva_config.rho={rho!r} is not supported by AdaptiveLoraConfig: EVA's rank redistribution "
+                "(rho > 1) and adaptive ranks would both allocate the budget; use eva_config=EvaConfig(rho=1.0) "
+                "(EVA's initialisation, uniform starting ranks, then adaptive ranks) or plain LoraConfig for EVA's own "
+                "allocation"
+            )
 
 
 def _differs_from_default(f: dataclasses.Field, value: Any) -> bool:
@@ -248,6 +262,7 @@ def _short(value: Any) -> str:
 
 def saved_config(data: dict[str, Any]) -> dict[str, Any]:
     """Adjust a config dict about to be saved so that PEFT can load it at the reallocated ranks."""
-    if data.get("init_lora_weights") == "orthogonal":
-        data["init_lora_weights"] = True  # the weights on disk replace the starting values; odd ranks are fine then
+    if data.get("init_lora_weights") in ("orthogonal", "eva"):
+        # the weights on disk replace the starting values: orthogonal's odd-rank refusal and EVA's data pass are moot
+        data["init_lora_weights"] = True
     return data
