@@ -155,6 +155,21 @@ def test_usage_calibration():
     assert held_by(namespace["optimizer"]) == trainable(model)
 
 
+@runs(USAGE, "From EVA's initialisation")
+def test_usage_from_evas_initialisation(tmp_path):
+    namespace = {
+        "base_model": tiny_llama(),
+        "dataloader": token_loader(4),
+        "args": trainer_args(tmp_path, 102),
+        "train_dataset": TokenDataset(8),
+    }
+    namespace = run(python_blocks(USAGE, "From EVA's initialisation"), namespace)
+    tuner = namespace["model"].base_model
+    config = tuner.peft_config["default"]
+    assert config.init_lora_weights == "eva" and config.reallocation_step == 100
+    assert len(set(tuner.ranks().values())) > 1 and tuner.adapter_param_count() <= tuner.param_budget()
+
+
 @runs(USAGE, "With the embedding in the budget")
 def test_usage_embedding_in_the_budget():
     namespace = run(python_blocks(USAGE, "With the embedding in the budget"), {"base_model": tiny_llama()})
