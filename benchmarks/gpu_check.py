@@ -15,8 +15,8 @@ stopped at its time limit still leaves what it did:
    vanilla-PEFT reload with equal outputs, KaSA on a model moved to the device, QLoRA where bitsandbytes runs,
    MiniLM under bf16 autocast, ``torch.compile``.
 2. **Cost**, as ratios in one process (``overhead.py``'s loop engine): the frozen base's forward and backward,
-   uniform LoRA, our default during the signal steps and after the reallocation, AdaLoRA, EVA (its initialisation
-   apart); interleaved rounds, median step time, peak memory; the reallocation event's time.
+   uniform LoRA, our default during the signal steps and after the reallocation, AdaLoRA, EVA at rho=2 and rho=1
+   (each initialisation apart), LoRA at 4x the rank, full fine-tuning; interleaved rounds, median step time, peak memory; the reallocation event's time.
 3. **Fine-tune**: MiniLM on SST-2 (the GLUE TSV files, no ``datasets``), uniform LoRA against our default at the same
    budget, dev accuracy and wall time, two seeds; as many steps as the time budget allows, up to one epoch.
 

@@ -1,4 +1,5 @@
-"""Cost benchmark: step time and peak memory of adaptive LoRA against plain LoRA, PEFT AdaLoRA and PEFT EVA.
+"""Cost benchmark: step time and peak memory of adaptive LoRA against plain LoRA, PEFT AdaLoRA, PEFT EVA and full
+fine-tuning: every method of the allocation benchmark's harness (``benchmarks/bench/methods.py``).
 
 A Llama-style decoder is built from a config (random weights: only time and memory are measured) and
 trained with ``transformers.Trainer`` on random tokens, with LoRA on every linear layer of every block.
@@ -9,6 +10,10 @@ Measured, all at the same adapter budget (LoRA rank ``r``; AdaLoRA ``init_r=1.5r
 * ``adaptive after``: the same run after the in-place reallocation;
 * ``adalora``: PEFT AdaLoRA with ``update_and_allocate`` called every step;
 * ``eva``: PEFT EVA (``rho=2``) after its initialisation, whose time is reported apart;
+* ``eva-rho1``: PEFT EVA with ``rho=1`` (uniform ranks, EVA's initialisation only), its initialisation apart too;
+* ``lora-4x``: plain LoRA at rank ``4r`` (``lora_alpha`` and rsLoRA as ``lora``'s, as the harness's ``lora-4x``);
+* ``full``: full fine-tuning, every weight of the base model trained (no adapter), at the harness's learning rate
+  ``FULL_LR``;
 * the reallocation event itself (wall time of ``reallocate``, which the callback calls).
 
 ``--engine loop`` measures the same configurations, plus ``base`` (the frozen base model's forward and backward,
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import io
 import json
 import statistics
 import sys
@@ -55,6 +61,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import common  # noqa: E402
+from bench.methods import FULL_LR  # noqa: E402
 
 # --- configurations ---------------------------------------------------------------------------------
 
@@ -121,11 +128,16 @@ SHAPES: dict[str, Shape] = {
     ),
 }
 
-CONFIGS = ("lora", "adaptive", "adalora", "eva")
+CONFIGS = ("lora", "adaptive", "adalora", "eva", "eva-rho1", "lora-4x", "full")
 #: the in-process engine also measures the frozen base model (forward and backward through the activations only)
 LOOP_CONFIGS = ("base", *CONFIGS)
-#: EVA's ``rho`` (ranks redistributed up to ``rho * r``, same total) and its initialisation batches
-EVA_RHO = 2.0
+#: the EVA configurations and their ``rho`` (ranks redistributed up to ``rho * r``, same total; 1: uniform ranks)
+EVA_RHOS = {"eva": 2.0, "eva-rho1": 1.0}
+#: the plain LoRA configurations and their rank as a multiple of the budget rank ``r``
+LORA_RANK_FACTORS = {"lora": 1, "lora-4x": 4}
+#: the configurations without an adapter (their adapter parameters and ranks are recorded as none)
+NO_ADAPTER = ("base", "full")
+#: EVA's initialisation batches
 EVA_BATCHES = 4
 #: forward passes after which EVA's initialisation is given up (PEFT's own loop has no limit)
 EVA_MAX_FORWARDS = 200
@@ -161,6 +173,9 @@ WINDOW_NAMES = {
     "adaptive": ("adaptive warmup", "adaptive after"),
     "adalora": ("adalora early", "adalora late"),
     "eva": ("eva early", "eva late"),
+    "eva-rho1": ("eva-rho1 early", "eva-rho1 late"),
+    "lora-4x": ("lora-4x early", "lora-4x late"),
+    "full": ("full early", "full late"),
     "base": ("base",),
 }
 #: each measured phase and the LoRA window it is compared with
@@ -171,6 +186,12 @@ REFERENCE = {
     "adalora late": "lora late",
     "eva early": "lora early",
     "eva late": "lora late",
+    "eva-rho1 early": "lora early",
+    "eva-rho1 late": "lora late",
+    "lora-4x early": "lora early",
+    "lora-4x late": "lora late",
+    "full early": "lora early",
+    "full late": "lora late",
     "base": "lora early",
 }
 LIMITS = {"adaptive warmup": 1.02, "adaptive after": 1.00}
@@ -242,14 +263,17 @@ SUITE_R = 2
 
 
 def wrap_model(model, config: str, spec: WorkerSpec, total_steps: int, warmup: int, workload: Workload | None = None):
-    """The PEFT model and its callbacks for ``config`` (same targets and budget for all)."""
+    """The PEFT model and its callbacks for ``config`` (same targets and budget for all; ``lora-4x`` at four times
+    the rank with ``lora``'s ``lora_alpha``, as the harness's ``lora-4x``; ``full``: ``model`` itself, every weight
+    trainable)."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     workload = workload or WORKLOADS["llama-config"]
     targets, alpha = list(workload.targets), workload.alpha(spec.r)
     rslora = {"use_rslora": True} if workload.use_rslora else {}
-    if config == "lora":
-        return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=alpha, target_modules=targets, **rslora)), []
+    if config in LORA_RANK_FACTORS:
+        r = spec.r * LORA_RANK_FACTORS[config]
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **rslora)), []
     if config == "adaptive":
         import peft_adaptive
         from peft_adaptive.callback import AdaptiveLoraCallback
@@ -272,13 +296,21 @@ def wrap_model(model, config: str, spec: WorkerSpec, total_steps: int, warmup: i
             total_step=total_steps,
         )
         return get_peft_model(model, peft_config), [common.AdaLoraAllocateCallback()]
-    if config == "eva":
-        return eva_model(model, spec.r, workload), []
+    if config in EVA_RHOS:
+        return eva_model(model, spec.r, workload, EVA_RHOS[config]), []
+    if config == "full":
+        return model.requires_grad_(True), []
     raise ValueError(config)
 
 
-def eva_model(model, r: int, workload: Workload | None = None):
-    """``model`` with PEFT EVA adapters (``rho`` = :data:`EVA_RHO`), not yet initialised (see :func:`init_eva`)."""
+def config_lr(config: str, lr: float) -> float:
+    """The learning rate ``config`` trains at: ``lr`` (``--lr``) for the adapters, the harness's ``FULL_LR`` for full
+    fine-tuning (the step's cost does not depend on it)."""
+    return FULL_LR if config == "full" else lr
+
+
+def eva_model(model, r: int, workload: Workload | None = None, rho: float = EVA_RHOS["eva"]):
+    """``model`` with PEFT EVA adapters (``rho``: :data:`EVA_RHOS`), not yet initialised (see :func:`init_eva`)."""
     from peft import EvaConfig, LoraConfig, get_peft_model
 
     workload = workload or WORKLOADS["llama-config"]
@@ -288,7 +320,7 @@ def eva_model(model, r: int, workload: Workload | None = None):
         lora_alpha=workload.alpha(r),
         target_modules=list(workload.targets),
         init_lora_weights="eva",
-        eva_config=EvaConfig(rho=EVA_RHO),
+        eva_config=EvaConfig(rho=rho),
         **rslora,
     )
     return get_peft_model(model, config, low_cpu_mem_usage=True)
@@ -400,7 +432,7 @@ def training_arguments(spec: WorkerSpec, total_steps: int, out_dir: str):
         output_dir=out_dir,
         max_steps=total_steps,
         per_device_train_batch_size=shape.batch,
-        learning_rate=spec.lr,
+        learning_rate=config_lr(spec.config, spec.lr),
         lr_scheduler_type="constant",
         optim="adamw_torch",
         max_grad_norm=1.0,
@@ -428,11 +460,11 @@ def run_worker(spec_path: str) -> None:
     realloc_times = time_reallocations(model.base_model) if spec.config == "adaptive" else []
     eva = (
         init_eva(model, eva_batches(shape, spec.seed, model.device), EVA_MAX_FORWARDS)[0]
-        if spec.config == "eva"
+        if spec.config in EVA_RHOS
         else {}
     )
     timer, memory = common.StepTimer(), PhaseMemory(phases)
-    start_params = common.allocated_adapter_params(model)
+    start_params, start_trainable = common.allocated_adapter_params(model), common.trainable_param_count(model)
     trainer = Trainer(
         model=model,
         args=training_arguments(spec, total, str(Path(spec.result_path).with_suffix(""))),
@@ -448,6 +480,8 @@ def run_worker(spec_path: str) -> None:
             for name, (first, last) in phases.items()
         },
         "adapted_modules": len(common.lora_layers(model)),
+        "trainable_params": start_trainable,
+        "trainable_params_end": common.trainable_param_count(model),
         "adapter_params_start": start_params,
         "adapter_params_end": common.allocated_adapter_params(model),
         "adapter_params_effective_end": common.adapter_param_count(model),
@@ -694,6 +728,27 @@ class LoopMethod:
     optimizer: Any
     after_step: Any  # (step) -> reallocation report or None; called after optimizer.step(), before zero_grad()
     info: dict = field(default_factory=dict)
+    restore: Any = None  # full fine-tuning: () -> None, puts the base's weights back (unwrap calls it)
+
+
+def weights_restorer(model):
+    """Save ``model``'s weights and return a call that puts them back and freezes them again (as PEFT's ``unload``
+    leaves a base model), so that full fine-tuning leaves the shared base model as it found it.
+
+    The copy is kept as serialised bytes in host memory, not as tensors, so neither the GPU's allocations nor the
+    CPU's tensor memory (:func:`live_tensor_bytes`) count it; the CPU's resident set size does.
+    """
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+
+    def restore() -> None:
+        buffer.seek(0)
+        model.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+        model.requires_grad_(False)
+
+    return restore
 
 
 def wrap_for_loop(
@@ -710,7 +765,9 @@ def wrap_for_loop(
 ) -> LoopMethod:
     """Wrap ``base`` for ``config`` (same targets and budget as :func:`wrap_model`) with an AdamW optimizer.
 
-    ``eva_cache`` keeps EVA's state dict from the first round, so EVA's initialisation is computed (and timed) once.
+    ``eva_cache`` keeps each EVA configuration's state dict from the first round (by configuration: the state dict
+    depends on ``rho``, which sets how many components each layer's SVD keeps and the ranks), so each EVA
+    initialisation is computed (and timed) once. ``full`` trains ``base`` itself; :func:`unwrap` restores its weights.
     """
     import torch
 
@@ -724,23 +781,28 @@ def wrap_for_loop(
         base.requires_grad_(False)
         base.enable_input_require_grads()
         return LoopMethod(base, None, lambda step: None)
-    if config == "eva":
-        model = eva_model(base, r, workload)
+    restore = None
+    if config in EVA_RHOS:
+        model = eva_model(base, r, workload, EVA_RHOS[config])
         info = {"eva_converged": False}
-        if eva_cache.get("failed"):
+        cache = eva_cache.setdefault(config, {})
+        if cache.get("failed"):
             return LoopMethod(model, None, lambda step: None, info)
         try:
             eva_data = [{k: v.to(base.device) for k, v in batch.items()} for batch in batches.eva(seed)]
-            facts, eva_cache["state"] = init_eva(model, eva_data, eva_max_forwards, eva_cache.get("state"))
+            facts, cache["state"] = init_eva(model, eva_data, eva_max_forwards, cache.get("state"))
             info.update(facts, eva_converged=True)
         except EvaNotConverged:
-            eva_cache["failed"] = True
+            cache["failed"] = True
             info.update(eva_forwards=eva_max_forwards)
     else:
+        restore = weights_restorer(base) if config == "full" else None
         spec = WorkerSpec(config, asdict(shape), r, lr, seed, "")
         model, _ = wrap_model(base, config, spec, total, shape.skip + shape.measure, workload)
         info = {}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config_lr(config, lr))
+    if config == "full":
+        return LoopMethod(model, optimizer, lambda step: None, info, restore)
     tuner = model.base_model
     if config == "adaptive":
         tuner.start_signal_collection(seed=seed)  # before the first step, as AdaptiveLoraCallback does
@@ -752,9 +814,13 @@ def wrap_for_loop(
 
 
 def unwrap(method: LoopMethod, config: str):
-    """The base model back, with no adapter and no hook left (the next configuration wraps it again)."""
+    """The base model back, with no adapter and no hook left and its weights as before (the next configuration wraps
+    it again)."""
     if config == "base":
         method.model.disable_input_require_grads()
+        return method.model
+    if config == "full":
+        method.restore()
         return method.model
     return method.model.unload()
 
@@ -791,13 +857,15 @@ def run_loop_config(
         base, config, shape, r, lr, seed, eva_max_forwards, {} if eva_cache is None else eva_cache, workload, batches
     )
     record: dict[str, Any] = {"config": config, "phases": {}, **method.info}
-    if config == "eva" and not method.info["eva_converged"]:
+    if config in EVA_RHOS and not method.info["eva_converged"]:
         unwrap(method, config)
         return {**record, "skipped": method.info}, base
     model = method.model
     model.train()
+    adapter = config not in NO_ADAPTER
     record["adapted_modules"] = len(common.lora_layers(model))
-    record["adapter_params_start"] = common.allocated_adapter_params(model) if config != "base" else 0
+    record["trainable_params"] = common.trainable_param_count(model)
+    record["adapter_params_start"] = common.allocated_adapter_params(model) if adapter else 0
     data = batches.train(seed, total)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if shape.dtype == "bfloat16" else contextlib.nullcontext()
@@ -859,10 +927,11 @@ def run_loop_config(
             **tensor_peaks.get(name, {}),
         }
     record.update(
-        adapter_params_end=common.allocated_adapter_params(model) if config != "base" else 0,
-        adapter_params_effective_end=common.adapter_param_count(model) if config != "base" else 0,
+        trainable_params_end=common.trainable_param_count(model),
+        adapter_params_end=common.allocated_adapter_params(model) if adapter else 0,
+        adapter_params_effective_end=common.adapter_param_count(model) if adapter else 0,
         reallocation_s=realloc,
-        ranks_end=common.adapter_ranks(model) if config != "base" else {},
+        ranks_end=common.adapter_ranks(model) if adapter else {},
         final_loss=float(loss),
     )
     del method.optimizer, loss
@@ -904,9 +973,15 @@ def run_loop_engine(
     return records, base
 
 
+def eva_prefix(config: str) -> str:
+    """The prefix of an EVA configuration's one-off costs: ``eva_init_s``, ``eva_rho1_init_s``, ..."""
+    return config.replace("-", "_")
+
+
 def one_offs(records: list[dict]) -> dict[str, Any]:
-    """The one-off and per-step allocation costs next to the step times: our reallocation event, EVA's
-    initialisation, and the median time of each method's per-step call (``update_and_allocate``)."""
+    """The one-off and per-step allocation costs next to the step times: our reallocation event, each EVA
+    configuration's initialisation (``eva_*``, ``eva_rho1_*``), and the median time of each method's per-step call
+    (``update_and_allocate``)."""
 
     def values(config: str, key: str) -> list[float]:
         return [r[key] for r in records if r["config"] == config and r.get(key) is not None]
@@ -915,13 +990,19 @@ def one_offs(records: list[dict]) -> dict[str, Any]:
         windows = [r["phases"].get(phase, {}) for r in records]
         return [w["per_step_call_s"] for w in windows if w.get("per_step_call_s") is not None]
 
-    eva = [r for r in records if r["config"] == "eva"]
+    costs: dict[str, Any] = {"reallocation_s": [t for r in records for t in r.get("reallocation_s", [])]}
+    for config in EVA_RHOS:
+        runs, prefix = [r for r in records if r["config"] == config], eva_prefix(config)
+        costs.update(
+            {
+                f"{prefix}_init_s": values(config, "eva_init_s"),
+                f"{prefix}_forwards": values(config, "eva_forwards"),
+                f"{prefix}_converged": [bool(r.get("eva_converged")) for r in runs],
+                f"{prefix}_state_reused": any(r.get("eva_state_reused") for r in runs),
+            }
+        )
     return {
-        "reallocation_s": [t for r in records for t in r.get("reallocation_s", [])],
-        "eva_init_s": values("eva", "eva_init_s"),
-        "eva_forwards": values("eva", "eva_forwards"),
-        "eva_converged": [bool(r.get("eva_converged")) for r in eva],
-        "eva_state_reused": any(r.get("eva_state_reused") for r in eva),
+        **costs,
         "adaptive_per_step_call_s": window_calls("adaptive warmup"),
         "adalora_per_step_call_s": window_calls("adalora early"),
     }
@@ -1005,7 +1086,8 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     for record in sorted(records, key=lambda r: r["round"]):
         for name, phase in record["phases"].items():
             entry = phases.setdefault(
-                name, {"times": [], "round_medians": [], "peaks": [], "kinds": [], "rss": [], "params": []}
+                name,
+                {"times": [], "round_medians": [], "peaks": [], "kinds": [], "rss": [], "params": [], "trainable": []},
             )
             entry["times"] += phase["step_times_s"]
             entry["round_medians"].append(statistics.median(phase["step_times_s"]))
@@ -1014,6 +1096,8 @@ def summarise(records: list[dict]) -> dict[str, dict]:
             entry["kinds"].append(kind)
             entry["rss"].append(phase.get("peak_rss_mb"))
             entry["params"].append(record["adapter_params_end" if "after" in name else "adapter_params_start"])
+            # runs made before it was recorded: None
+            entry["trainable"].append(record.get("trainable_params_end" if "after" in name else "trainable_params"))
     return {
         name: {
             "median_step_s": statistics.median(e["times"]),
@@ -1024,6 +1108,7 @@ def summarise(records: list[dict]) -> dict[str, dict]:
             "memory": e["kinds"][0] if len(set(e["kinds"])) == 1 else "mixed",
             "peak_rss_mb": max((v for v in e["rss"] if v is not None), default=None),
             "adapter_params": e["params"][0],
+            "trainable_params": e["trainable"][0],
         }
         for name, e in phases.items()
     }
@@ -1061,8 +1146,9 @@ def table(summary: dict[str, dict], realloc: list[float], large: dict | None, gp
     kinds = {s.get("memory") for s in summary.values()}
     mem = "peak GPU memory (MB)" if gpu else "peak tensor memory (MB)" if kinds == {"tensor"} else "peak RSS (MB)"
     lines = [
-        f"| phase | median step (ms) | vs LoRA, same window | per round | {mem} | vs LoRA | adapter params | target |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| phase | median step (ms) | vs LoRA, same window | per round | {mem} | vs LoRA | adapter params | "
+        "trainable params | target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         ref = summary.get(REFERENCE.get(name, ""), s)
@@ -1073,11 +1159,12 @@ def table(summary: dict[str, dict], realloc: list[float], large: dict | None, gp
             mem_ok = memory_verdict(s, ref, gpu)
             target = f"step <= {LIMITS[name]:.2f}x: {step_verdict(per_round, LIMITS[name])}; memory <= LoRA: {mem_ok}"
         else:
-            target = "reference" if name.startswith("lora") else "(comparison)"
+            target = "(comparison)" if name in REFERENCE else "reference"
         rounds = ", ".join(f"{r:.3f}" for r in per_round)
+        trainable = "-" if s.get("trainable_params") is None else f"{s['trainable_params']:,}"
         lines.append(
             f"| {name} | {s['median_step_s'] * 1e3:.1f} | {ratio:.3f}x | {rounds} | {s['peak_mb']:.0f} | "
-            f"{mem_ratio:.3f}x | {s['adapter_params']:,} | {target} |"
+            f"{mem_ratio:.3f}x | {s['adapter_params']:,} | {trainable} | {target} |"
         )
     if realloc:
         verdict = "met" if max(realloc) < 1.0 else "NOT met"
@@ -1133,7 +1220,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=3, help="repeat every configuration this many times, interleaved")
     p.add_argument("--r", type=int, default=None, help=f"default: 8 (Llama config), {SUITE_R} (the suites' models)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--lr", type=float, default=1e-4, help=f"the adapters' learning rate (full fine-tuning: FULL_LR, {FULL_LR:g})"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", type=int, help="unmeasured steps at the start of each phase (default: the mode's)")
     p.add_argument("--measure", type=int, help="measured steps per phase (default: the mode's)")
@@ -1281,6 +1370,9 @@ COST_ROWS = (
     ("ours (default): signal steps / after reallocation", "adaptive warmup", "adaptive after"),
     ("AdaLoRA, update_and_allocate every step", "adalora early", "adalora late"),
     ("EVA rho=2 (init apart)", "eva early", "eva late"),
+    ("EVA rho=1, uniform ranks (init apart)", "eva-rho1 early", "eva-rho1 late"),
+    ("uniform LoRA at rank 4r", "lora-4x early", "lora-4x late"),
+    ("full fine-tuning (no adapter)", "full early", "full late"),
 )
 MODEL_LABELS = {"minilm": "MiniLM", "smollm2": "SmolLM2-135M", "llama-config": "Llama config"}
 
@@ -1305,8 +1397,12 @@ def _memory_cell(summary: dict, early: str, late: str | None) -> str:
 
 
 def _params_cell(summary: dict, early: str, late: str | None) -> str:
-    """Allocated adapter parameters over uniform LoRA's (AdaLoRA holds its ``init_r`` tensors throughout)."""
+    """Allocated adapter parameters over uniform LoRA's (AdaLoRA holds its ``init_r`` tensors throughout); full
+    fine-tuning, which has none, its trainable parameters over LoRA's."""
     reference = summary["lora early"]["adapter_params"]
+    if early in summary and not summary[early]["adapter_params"] and summary[early].get("trainable_params"):
+        trainable = summary[early]["trainable_params"] / summary["lora early"]["trainable_params"]
+        return f"none (trains {trainable:.0f}x LoRA's parameters)"
     cells = [f"{summary[n]['adapter_params'] / reference:.2f}" for n in (early, late) if n is not None and n in summary]
     return " / ".join(dict.fromkeys(cells)) if cells and reference else "-"
 
@@ -1337,9 +1433,10 @@ def cost_table(payloads: list[dict]) -> str:
     lines += ["", "One-off and per-step allocation costs, in units of uniform LoRA's median step (same run):", ""]
     head = ["cost", *labels]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    eva_rows = {config: f"EVA's SVD initialisation, rho={rho:g} (once)" for config, rho in EVA_RHOS.items()}
     rows: dict[str, list[str]] = {
         "our reallocation event (once)": [],
-        "EVA's SVD initialisation (once)": [],
+        **{label: [] for label in eva_rows.values()},
         "our update_and_allocate per signal step": [],
         "AdaLoRA's update_and_allocate per step": [],
     }
@@ -1353,11 +1450,17 @@ def cost_table(payloads: list[dict]) -> str:
             if realloc
             else "-"
         )
-        eva = costs.get("eva_init_s") or []
-        forwards = costs.get("eva_forwards") or []
-        rows["EVA's SVD initialisation (once)"].append(
-            f"{eva[0] / step:.1f} steps ({forwards[0]} forward passes)" if eva else "did not converge"
-        )
+        for config, label in eva_rows.items():
+            prefix = eva_prefix(config)
+            eva, forwards = costs.get(f"{prefix}_init_s") or [], costs.get(f"{prefix}_forwards") or []
+            ran = bool(costs.get(f"{prefix}_converged"))  # one entry per run of the configuration
+            rows[label].append(
+                f"{eva[0] / step:.1f} steps ({forwards[0]} forward passes)"
+                if eva
+                else "did not converge"
+                if ran
+                else "-"
+            )
         for key, label in (
             ("adaptive_per_step_call_s", "our update_and_allocate per signal step"),
             ("adalora_per_step_call_s", "AdaLoRA's update_and_allocate per step"),
@@ -1409,17 +1512,23 @@ def write_combined(folders: list[Path], out: Path | None = None) -> str:
 
 
 def one_off_lines(costs: dict[str, Any]) -> str:
-    """EVA's initialisation and the per-step allocation calls, in words (medians over rounds)."""
+    """Each EVA configuration's initialisation and the per-step allocation calls, in words (medians over rounds)."""
     lines = []
-    if costs.get("eva_init_s"):
-        times = ", ".join(f"{t:.2f} s" for t in costs["eva_init_s"])
-        forwards = ", ".join(str(n) for n in costs["eva_forwards"])
-        reuse = "; computed in the first round, later rounds load its result" if costs.get("eva_state_reused") else ""
-        lines.append(f"- EVA initialisation, apart from the steps: {times} ({forwards} forward passes{reuse})")
-    elif costs.get("eva_converged"):
-        lines.append(
-            "- EVA initialisation did not converge within the allowed forward passes: EVA's steps not measured"
-        )
+    for config, rho in EVA_RHOS.items():
+        prefix = eva_prefix(config)
+        if costs.get(f"{prefix}_init_s"):
+            times = ", ".join(f"{t:.2f} s" for t in costs[f"{prefix}_init_s"])
+            forwards = ", ".join(str(n) for n in costs[f"{prefix}_forwards"])
+            reused = costs.get(f"{prefix}_state_reused")
+            reuse = "; computed in the first round, later rounds load its result" if reused else ""
+            lines.append(
+                f"- EVA initialisation (rho={rho:g}), apart from the steps: {times} ({forwards} forward passes{reuse})"
+            )
+        elif costs.get(f"{prefix}_converged"):
+            lines.append(
+                f"- EVA initialisation (rho={rho:g}) did not converge within the allowed forward passes: {config}'s "
+                "steps not measured"
+            )
     for name, key in (
         ("adaptive, signal steps", "adaptive_per_step_call_s"),
         ("AdaLoRA, early", "adalora_per_step_call_s"),
@@ -1467,8 +1576,9 @@ def _model_lines(payload: dict, adapted: int) -> list[str]:
         *model,
         f"- LoRA on {adapted} modules ({targets}), r={r}, lora_alpha {alpha:g}{rslora}; {adalora}, "
         "update_and_allocate every step (tinit = tfinal = the unmeasured steps, deltaT 10; AdaLoRA scales by "
-        "lora_alpha / rank, no rsLoRA); EVA rho=2 (init time apart); base: the frozen model's forward and backward, "
-        "no adapter",
+        "lora_alpha / rank, no rsLoRA); EVA rho=2 and rho=1 (init times apart); lora-4x: LoRA at "
+        f"r={LORA_RANK_FACTORS['lora-4x'] * r}, lora_alpha {alpha:g}{rslora}; full: every weight trained, no adapter, "
+        f"lr {FULL_LR:g}; base: the frozen model's forward and backward, no adapter",
     ]
 
 

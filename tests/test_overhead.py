@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,29 +28,66 @@ def test_loop_engine_runs_every_method_in_one_command(tmp_path):
     assert set(by_config["base"]["phases"]) == {"base"} and by_config["base"]["adapter_params_start"] == 0
     assert set(by_config["adaptive"]["phases"]) == {"adaptive warmup", "adaptive after"}
     for record in payload["records"]:
+        assert set(record["phases"]) == set(overhead.WINDOW_NAMES[record["config"]])
         for phase in record["phases"].values():
-            assert len(phase["step_times_s"]) == 3 and all(t > 0 for t in phase["step_times_s"])
+            assert len(phase["step_times_s"]) == 3 and all(0 < t < math.inf for t in phase["step_times_s"])
     # the same budget for every adapter method (AdaLoRA counts its extra E entries; EVA redistributes ranks)
     assert by_config["adaptive"]["adapter_params_effective_end"] <= by_config["lora"]["adapter_params_effective_end"]
+    r, lora = payload["r"], by_config["lora"]
+    assert set(lora["ranks_end"].values()) == {r} and set(by_config["eva-rho1"]["ranks_end"].values()) == {r}
+    assert set(by_config["lora-4x"]["ranks_end"].values()) == {4 * r}
+    assert by_config["lora-4x"]["adapter_params_start"] == 4 * lora["adapter_params_start"]
+    # full fine-tuning: no adapter, every weight trained, more memory than LoRA in both windows
+    full = by_config["full"]
+    assert full["adapted_modules"] == 0 and full["adapter_params_start"] == 0 and full["ranks_end"] == {}
+    assert full["trainable_params"] > by_config["lora-4x"]["trainable_params"] > lora["trainable_params"] > 0
+    for window in ("early", "late"):
+        assert full["phases"][f"full {window}"]["peak_tensor_mb"] > lora["phases"][f"lora {window}"]["peak_tensor_mb"]
     one_offs = payload["one_offs"]
     assert len(one_offs["reallocation_s"]) == 1 and one_offs["eva_converged"] == [True]
     assert one_offs["eva_init_s"][0] > 0 and one_offs["adalora_per_step_call_s"]
+    # EVA at rho=1 computes its own initialisation (its state dict is not rho=2's), timed apart as rho=2's
+    assert one_offs["eva_rho1_converged"] == [True] and not one_offs["eva_rho1_state_reused"]
+    assert one_offs["eva_rho1_init_s"][0] > 0 and one_offs["eva_rho1_forwards"][0] > 0
     report = (tmp_path / "results.md").read_text()
-    for phase in ("| base |", "| adaptive warmup |", "| adalora late |", "| eva early |", "EVA initialisation"):
+    for phase in ("| base |", "| adaptive warmup |", "| adalora late |", "| eva early |", "EVA initialisation (rho=2)"):
+        assert phase in report
+    for phase in ("| eva-rho1 early |", "| lora-4x late |", "| full early |", "EVA initialisation (rho=1)"):
         assert phase in report
 
 
-def test_trainer_engine_measures_eva_with_its_init_apart(tmp_path):
+def run_trainer_worker(tmp_path: Path, config: str, r: int = 4) -> dict:
+    """One configuration through the Trainer engine's worker at the tiny shape; its record."""
     shape = overhead.SHAPES["tiny"]
-    spec = overhead.WorkerSpec("eva", asdict(shape), 4, 1e-3, 0, str(tmp_path / "eva-0.json"))
-    spec_path = tmp_path / "eva-0.spec.json"
+    spec = overhead.WorkerSpec(config, asdict(shape), r, 1e-3, 0, str(tmp_path / f"{config}-0.json"))
+    spec_path = tmp_path / f"{config}-0.spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
     overhead.run_worker(str(spec_path))
-    record = json.loads((tmp_path / "eva-0.json").read_text())
+    record = json.loads((tmp_path / f"{config}-0.json").read_text())
+    assert set(record["phases"]) == set(overhead.WINDOW_NAMES[config])
+    for phase in record["phases"].values():
+        assert len(phase["step_times_s"]) == shape.measure and all(0 < t < math.inf for t in phase["step_times_s"])
+    return record
+
+
+def test_trainer_engine_measures_eva_with_its_init_apart(tmp_path):
+    record = run_trainer_worker(tmp_path, "eva")
     assert record["eva_init_s"] > 0 and 0 < record["eva_forwards"] <= overhead.EVA_MAX_FORWARDS
-    assert set(record["phases"]) == {"eva early", "eva late"}
     ranks = record["ranks_end"]
     assert len(set(ranks.values())) > 1 and sum(ranks.values()) <= 4 * len(ranks)  # rho=2: redistributed, same total
+
+
+def test_trainer_engine_measures_eva_rho1_lora_4x_and_full(tmp_path):
+    eva = run_trainer_worker(tmp_path, "eva-rho1")
+    assert eva["eva_init_s"] > 0 and 0 < eva["eva_forwards"] <= overhead.EVA_MAX_FORWARDS
+    assert len(eva["ranks_end"]) == 14 and set(eva["ranks_end"].values()) == {4}  # rho=1: uniform ranks
+    lora = run_trainer_worker(tmp_path, "lora-4x")
+    assert len(lora["ranks_end"]) == 14 and set(lora["ranks_end"].values()) == {16}
+    assert lora["trainable_params"] == lora["adapter_params_start"] == 4 * eva["adapter_params_start"]
+    full = run_trainer_worker(tmp_path, "full")
+    base = overhead.build_base_model(overhead.SHAPES["tiny"], 0, device="cpu")
+    assert full["trainable_params"] == sum(p.numel() for p in base.parameters()) > lora["trainable_params"]
+    assert full["adapted_modules"] == full["adapter_params_start"] == 0 and full["ranks_end"] == {}
 
 
 def test_trainer_engine_refuses_the_frozen_base(tmp_path):
@@ -70,6 +108,25 @@ def test_frozen_base_computes_no_weight_gradient():
         hook.remove()
     assert seen == [] and not any(p.requires_grad for p in base.parameters())
     assert len(record["phases"]["base"]["step_times_s"]) == shape.measure
+
+
+def test_full_fine_tuning_trains_every_weight_and_gives_the_base_back_unchanged():
+    """``full`` trains the shared base model itself (at the harness's FULL_LR); the next configuration must get the
+    weights it would have got without it, frozen as PEFT's unload leaves them."""
+    shape = overhead.SHAPES["tiny"]
+    base = overhead.build_base_model(shape, 0, device="cpu")
+    before = {name: value.clone() for name, value in base.state_dict().items()}
+    seen: set[str] = set()
+    hooks = [p.register_hook(lambda grad, n=n: seen.add(n)) for n, p in base.named_parameters()]
+    record, base = overhead.run_loop_config(base, "full", shape, 4, 1e-3, 0)
+    for hook in hooks:
+        hook.remove()
+    names = {name for name, _ in base.named_parameters()}
+    assert seen == names and record["trainable_params"] == sum(p.numel() for p in base.parameters())
+    assert record["adapter_params_start"] == 0 and math.isfinite(record["final_loss"])
+    assert overhead.config_lr("full", 1e-3) == overhead.FULL_LR and overhead.config_lr("lora", 1e-3) == 1e-3
+    assert all(torch.equal(before[name], value) for name, value in base.state_dict().items())
+    assert not any(p.requires_grad for p in base.parameters())
 
 
 # --- the suites' pretrained models (--model minilm / smollm2), on tiny models of the same families ---------------
@@ -140,8 +197,13 @@ def test_loop_engine_on_a_pretrained_model_of_the_suites_family(tmp_path, monkey
     assert payload["model"] == model and payload["r"] == 2 and payload["shape"]["layers"] == 2
     by_config = {r["config"]: r for r in payload["records"]}
     assert list(by_config) == list(overhead.LOOP_CONFIGS)
-    assert all(by_config[c]["adapted_modules"] == modules for c in ("lora", "adaptive", "adalora", "eva"))
+    adapters = ("lora", "adaptive", "adalora", "eva", "eva-rho1", "lora-4x")
+    assert (
+        all(by_config[c]["adapted_modules"] == modules for c in adapters) and by_config["full"]["adapted_modules"] == 0
+    )
+    assert by_config["full"]["trainable_params"] > by_config["lora-4x"]["trainable_params"]
     assert len(by_config["adaptive"]["reallocation_s"]) == 1 and payload["one_offs"]["eva_converged"] == [True]
+    assert payload["one_offs"]["eva_rho1_converged"] == [True]
     # tensor memory on the CPU: live tensors plus the step's peak, in every window; the signal buffers show
     for record in payload["records"]:
         for phase in record["phases"].values():
@@ -154,7 +216,8 @@ def test_loop_engine_on_a_pretrained_model_of_the_suites_family(tmp_path, monkey
     overhead.main(["overhead.py", "--combine", str(out), str(out), "--out", str(tmp_path / "cost")])
     table = (tmp_path / "cost" / "results.md").read_text()
     assert table.count("| ours (default): signal steps / after reallocation |") == 1
-    assert "our reallocation event (once)" in table and "EVA's SVD initialisation (once)" in table
+    assert "our reallocation event (once)" in table and "| full fine-tuning (no adapter) |" in table
+    assert "EVA's SVD initialisation, rho=2 (once)" in table and "EVA's SVD initialisation, rho=1 (once)" in table
 
 
 def test_token_batches_are_fixed_shape_and_seeded(tmp_path, monkeypatch):
