@@ -21,13 +21,14 @@ from .tuning import tuning_section
 
 #: Pairs the report also compares directly (first - second, paired by seed), where a suite has both: the default
 #: against the previous default and against its own ranks shuffled, and allocating before training or with ranks
-#: capped at 2r against it.
+#: capped at 2r against it; the shipped default started from EVA's initialisation against EVA at uniform ranks.
 HEAD_TO_HEAD = [
     (DEFAULT_RUN, "warm-sensitivity-random"),
     (DEFAULT_RUN, "warm-shuffled-random"),
     ("calib-gradient_spectrum-random", DEFAULT_RUN),
     ("fixed-gradient_spectrum-random", DEFAULT_RUN),
     (DEFAULT_RUN + "+max2r", DEFAULT_RUN),
+    (SHIPPED_DEFAULT + "+eva", "eva-rho1"),
 ]
 
 
