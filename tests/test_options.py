@@ -419,7 +419,8 @@ def test_eva_rank_redistribution_is_refused_naming_rho(eva_config):
 
 
 def test_eva_initialised_adapter_trains_and_reallocates_through_the_trainer(tmp_path):
-    model = adaptive_model("llama", init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+    with pytest.warns(UserWarning, match="2 of 5 runs went unstable after the reallocation"):
+        model = adaptive_model("llama", init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
     tuner = model.base_model
     kaiming = {n: m.lora_A["default"].weight.detach().clone() for n, m in tuner.adapted_modules().items()}
     batches = [{"input_ids": token_batch(4, 16, seed=s)} for s in range(4)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,8 +175,9 @@ INIT_LORA_WEIGHTS: dict[Any, Option] = {
         NO_EFFECT,
         "EVA's starting A (principal directions of each module's inputs, from initialize_lora_eva_weights after "
         "get_peft_model), B = 0; the resize works on B A as for any adapter. Only at eva_config.rho=1 (uniform "
-        "ranks): EVA's rank redistribution (rho > 1) would be a second rank allocator. Saved as "
-        "init_lora_weights=True: the saved weights replace the starting values",
+        "ranks): EVA's rank redistribution (rho > 1) would be a second rank allocator. Warns: 2 of 5 measured runs "
+        "went unstable after the reallocation. Saved as init_lora_weights=True: the saved weights replace the "
+        "starting values",
     ),
     "mica": Option(
         RESIZED,
@@ -183,6 +185,15 @@ INIT_LORA_WEIGHTS: dict[Any, Option] = {
         "zero rows to A; a shrink keeps B orthonormal and puts the singular values into A",
     ),
 }
+
+
+#: what was measured of EVA's initialisation followed by a reallocation (benchmarks/RESULTS.md, 2026-12-07)
+EVA_WITH_ADAPTIVE_RANKS = (
+    "AdaptiveLoraConfig with init_lora_weights='eva': measured on one task (SmolLM2-135M learning ciphered text, "
+    "lr 2e-3), 2 of 5 runs went unstable after the reallocation, where EVA alone and adaptive ranks alone trained on "
+    "every seed, and no run beat EVA alone. Consider a lower learning rate, or plain LoraConfig with EVA's "
+    "initialisation (peft-adaptive's benchmarks/RESULTS.md)"
+)
 
 
 def init_lora_weights_values() -> list[Any]:
@@ -245,6 +256,7 @@ def check_lora_options(config: LoraConfig) -> None:
                 "(EVA's initialisation, uniform starting ranks, then adaptive ranks) or plain LoraConfig for EVA's own "
                 "allocation"
             )
+        warnings.warn(EVA_WITH_ADAPTIVE_RANKS, UserWarning, stacklevel=3)
 
 
 def _differs_from_default(f: dataclasses.Field, value: Any) -> bool:
