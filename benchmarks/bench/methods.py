@@ -22,8 +22,8 @@ every rank at ``K * r`` instead of the suite's ``max_r`` (a candidate for a more
 migrating a grown module's moments; ``...+rankscale`` gives every resized module the scaling of its new rank
 (``resize_scaling="rank"``) instead of keeping the one it trained with; ``...+gate<g>`` keeps the uniform ranks
 where the score's predicted gain is below ``g`` (``min_predicted_gain``); ``...+eva`` starts every ``lora_A`` from
-EVA's initialisation at ``rho=1`` (uniform ranks; ``init_lora_weights="eva"``), on the batches the ``eva`` peers use. ``fixed-<alloc>-<growth>``
-is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run (or its ``+reset``
+EVA's initialisation at ``rho=1`` (uniform ranks; ``init_lora_weights="eva"``), on the batches the ``eva`` peers use.
+``fixed-<alloc>-<growth>`` is a diagnostic: plain LoRA trained from step 0 at the ranks the ``warm-<alloc>-<growth>`` run (or its ``+reset``
 run) of the same seed ended with (run that first), which separates the allocation's quality from the cost of changing ranks mid-run.
 ``fixed-hindsight-random`` is another: plain LoRA from step 0 at the ranks the same seed's ``lora-4x`` run shows
 it needed, from the singular values of its learned updates at the end (run that first). It is what a score could
