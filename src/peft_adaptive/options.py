@@ -29,6 +29,8 @@ class Option:
     why: str
     #: for options refused only for some values: whether ``value`` is refused (default: any non-default value)
     refuses: typing.Callable[[Any], bool] | None = None
+    #: the PEFT release that added the option (older releases do not have it)
+    since: str | None = None
 
 
 def _truthy(value: Any) -> bool:
@@ -92,6 +94,12 @@ LORA_OPTIONS: dict[str, Option] = {
         NO_EFFECT, "settings of init_lora_weights='eva': rho must be 1 (see there); ignored for other initialisations"
     ),
     "corda_config": Option(NO_EFFECT, "settings of init_lora_weights='corda' (refused, see there)"),
+    "astra_config": Option(
+        REFUSED,
+        "Astra (init_lora_weights='astra') needs a calibration pass (preprocess_astra) before get_peft_model and "
+        "rewrites the base weight from it, as CorDA; this combination is not verified by this package's tests",
+        since="0.22.0",
+    ),
     "lora_ga_config": Option(NO_EFFECT, "settings of init_lora_weights='lora_ga' (see there)"),
     "init_lora_weights": Option(RESIZED, "per value, see INIT_LORA_WEIGHTS"),
     # refused
@@ -178,6 +186,12 @@ INIT_LORA_WEIGHTS: dict[Any, Option] = {
         "ranks): EVA's rank redistribution (rho > 1) would be a second rank allocator. Warns: 2 of 5 measured runs "
         "went unstable after the reallocation. Saved as init_lora_weights=True: the saved weights replace the "
         "starting values",
+    ),
+    "astra": Option(REFUSED, "see astra_config", since="0.22.0"),
+    "nora": Option(
+        REFUSED,
+        "NoRA's initialisation is newer than this package's tests: whether its adapters can be resized is unchecked",
+        since="0.22.0",
     ),
     "mica": Option(
         RESIZED,
