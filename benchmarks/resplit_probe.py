@@ -16,11 +16,17 @@ spectrum at that step), then re-split the same budget by each rule below through
 
     python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR]
     python benchmarks/resplit_probe.py --cap-bound --members 0 1 2 3 4 8 9 10 11 14 15 19
+    python benchmarks/resplit_probe.py --final-update --members 0 1 2 3 4 5 7 8 9 10 11 12 13 14 15 17 19
 
 ``--cap-bound`` replays nothing: per member, the share of uniform LoRA's uncovered planted energy that the *best*
 split at the same budget covers under a ``2r``, ``3r`` and ``4r`` cap (``allocate_by_spectrum`` on the planted
 energies themselves: an upper bound for any score), next to what the shipped default's recorded final ranks cover
 (module names and costs from the member's ``lora`` seed-0 record).
+
+``--final-update`` replays nothing either: per member and seed, the split of the same budget by uniform LoRA's own
+learned update at the *end* of its run (the ``lora`` record's ``update_spectra``, rank ``r``, squared and extended
+by ``allocate_by_spectrum`` as the ``spectral`` score's are) under each cap: more than any signal step can know of
+the learned update, so it bounds what reading it at rank ``r`` could give a reallocation.
 
 Prints one line per member and seed: the uncovered energy of uniform LoRA and of each rule, with the share of
 uniform's uncovered energy each rule covers (the proxy's share of the oracle gap; the oracle covers all of it
@@ -208,13 +214,55 @@ def cap_bound(index: int) -> str:
     return line
 
 
+def coverage_text(planted: list[list[float]], ranks: list[int], r: int) -> str:
+    """The covered share, or where uniform LoRA leaves nothing uncovered, the planted energy ``ranks`` leave."""
+    share = covered_share(planted, ranks, r)
+    return f"leaves {uncovered(planted, ranks):.3f}" if share is None else format(share, "+.2f")
+
+
+def final_update(index: int) -> str:
+    """One member's line for ``--final-update``: the covered share per cap and seed (where uniform LoRA leaves no
+    planted energy uncovered, the energy the split leaves instead), next to the shipped default's ranks'."""
+    suite, m = f"family-{index:02d}", member(index)
+    line = f"{suite} ({m.group}, {m.teacher}, r={m.r})"
+    for seed in range(3):
+        path = result_path(suite, "lora", seed)
+        if not path.is_file():
+            continue
+        lora = json.loads(path.read_text())
+        names = list(lora["rank_costs"])
+        costs = [lora["rank_costs"][n] for n in names]
+        planted = planted_energies(index, names)
+        values = [[s * s for s in lora["update_spectra"][n]] for n in names]
+
+        splits = [
+            allocate_by_spectrum(values, costs, m.r * sum(costs), SUITES[suite].min_r, factor * m.r).ranks
+            for factor in CAP_FACTORS
+        ]
+        line += f" | seed {seed}: " + ", ".join(
+            f"{f}r {coverage_text(planted, list(r), m.r)}" for f, r in zip(CAP_FACTORS, splits)
+        )
+        default = result_path(suite, SHIPPED_DEFAULT, seed)
+        if default.is_file():
+            ranks = json.loads(default.read_text())["ranks"]
+            line += f" (default {coverage_text(planted, [ranks[n] for n in names], m.r)})"
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", nargs="+", type=int, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--cache", type=Path, help="keep each replay's reading here and reuse it")
     parser.add_argument("--cap-bound", action="store_true", help="the best split under each cap; no replay")
+    parser.add_argument(
+        "--final-update", action="store_true", help="the split by uniform LoRA's learned update at its end; no replay"
+    )
     args = parser.parse_args()
+    if args.final_update:
+        for index in args.members:
+            print(final_update(index), flush=True)
+        return
     if args.cap_bound:
         for index in args.members:
             print(cap_bound(index), flush=True)
