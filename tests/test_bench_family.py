@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 import sys
 from pathlib import Path
@@ -17,7 +18,16 @@ from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
 from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
-from resplit_probe import best_split, by_kind, covered_share, planted_energies, rule_values, uncovered  # noqa: E402
+from resplit_probe import (  # noqa: E402
+    best_split,
+    by_kind,
+    coverage_text,
+    covered_share,
+    final_update,
+    planted_energies,
+    rule_values,
+    uncovered,
+)
 from score_flatness_probe import normalised_entropy, top_share  # noqa: E402
 
 
@@ -130,6 +140,21 @@ def test_cap_bound_is_the_best_split_under_the_cap_and_covers_everything_at_the_
     assert abs(covered_share(planted, capped, r=2) - (5 - 1) / 5) < 1e-12
     # nothing uncovered at uniform rank: no share
     assert covered_share([[1.0], []], [2, 2], r=2) is None
+
+
+def test_final_update_splits_each_seeds_lora_record_under_each_cap_and_reports_what_flat_members_lose():
+    """--final-update: one segment per committed ``lora`` seed with a value per cap; where uniform LoRA covers every
+    planted rank (family-07) it reports the energy a split leaves, which the default's ranks must exceed 0 to show."""
+    assert coverage_text([[16.0, 9.0], []], [1, 3], r=2) == "leaves 9.000"  # uniform covers all: the energy left
+    assert coverage_text([[16.0, 9.0, 4.0], []], [3, 1], r=2) == "+1.00"
+    flat = final_update(7)
+    seeds = flat.split(" | ")[1:]
+    assert len(seeds) == 3 and all(part.count(" leaves ") == 4 for part in seeds)  # 3 caps + the default
+    left = [float(x) for x in re.findall(r"default leaves (\d+\.\d+)", flat)]
+    assert len(left) == 3 and min(left) > 0  # the default cuts ranks family-07 needs on every seed
+    concentrated = final_update(19)
+    shares = [float(x) for x in re.findall(r"r ([+-]\d\.\d\d)", concentrated)]
+    assert len(shares) == 9 and all(-2 < v <= 1.0 for v in shares)
 
 
 def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by_the_kind_median():
