@@ -192,12 +192,25 @@ def best_split(planted: list[list[float]], costs: list[int], r: int, min_r: int,
 CAP_FACTORS = (2, 3, 4)
 
 
+def module_layout(record: dict) -> tuple[list[str], list[int]]:
+    """A run record's adapted modules, in order, and each one's parameter cost per rank."""
+    names = list(record["rank_costs"])
+    return names, [record["rank_costs"][n] for n in names]
+
+
+def default_ranks(suite: str, seed: int, names: list[str]) -> list[int] | None:
+    """The ranks the shipped default's run of ``suite``/``seed`` ended with, in ``names``' order; None if not run."""
+    path = result_path(suite, SHIPPED_DEFAULT, seed)
+    if not path.is_file():
+        return None
+    ranks = json.loads(path.read_text())["ranks"]
+    return [ranks[n] for n in names]
+
+
 def cap_bound(index: int) -> str:
     """One member's line for ``--cap-bound``."""
     suite, m = f"family-{index:02d}", member(index)
-    lora = json.loads(result_path(suite, "lora", 0).read_text())
-    names = list(lora["rank_costs"])
-    costs = [lora["rank_costs"][n] for n in names]
+    names, costs = module_layout(json.loads(result_path(suite, "lora", 0).read_text()))
     planted = planted_energies(index, names)
     line = (
         f"{suite} ({m.group}, {m.teacher}, r={m.r}, planted ranks {sorted((c.rank for c in m.changes), reverse=True)})"
@@ -207,10 +220,9 @@ def cap_bound(index: int) -> str:
         best = best_split(planted, costs, m.r, min_r, factor * m.r)
         line += f" | best at {factor}r {share_text(covered_share(planted, best, m.r))}"
     for seed in range(3):
-        path = result_path(suite, SHIPPED_DEFAULT, seed)
-        if path.is_file():
-            ranks = json.loads(path.read_text())["ranks"]
-            line += f" | default seed {seed} {share_text(covered_share(planted, [ranks[n] for n in names], m.r))}"
+        ranks = default_ranks(suite, seed, names)
+        if ranks is not None:
+            line += f" | default seed {seed} {share_text(covered_share(planted, ranks, m.r))}"
     return line
 
 
@@ -230,11 +242,9 @@ def final_update(index: int) -> str:
         if not path.is_file():
             continue
         lora = json.loads(path.read_text())
-        names = list(lora["rank_costs"])
-        costs = [lora["rank_costs"][n] for n in names]
+        names, costs = module_layout(lora)
         planted = planted_energies(index, names)
         values = [[s * s for s in lora["update_spectra"][n]] for n in names]
-
         splits = [
             allocate_by_spectrum(values, costs, m.r * sum(costs), SUITES[suite].min_r, factor * m.r).ranks
             for factor in CAP_FACTORS
@@ -242,10 +252,9 @@ def final_update(index: int) -> str:
         line += f" | seed {seed}: " + ", ".join(
             f"{f}r {coverage_text(planted, list(r), m.r)}" for f, r in zip(CAP_FACTORS, splits)
         )
-        default = result_path(suite, SHIPPED_DEFAULT, seed)
-        if default.is_file():
-            ranks = json.loads(default.read_text())["ranks"]
-            line += f" (default {coverage_text(planted, [ranks[n] for n in names], m.r)})"
+        ranks = default_ranks(suite, seed, names)
+        if ranks is not None:
+            line += f" (default {coverage_text(planted, ranks, m.r)})"
     return line
 
 
