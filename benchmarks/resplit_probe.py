@@ -12,7 +12,12 @@ spectrum at that step), then re-split the same budget by each rule below through
   kinds' gradient scales, set by the architecture, do not decide;
 * ``floor``: the same less each module's tail (the mean of its last eight values), a noise floor;
 * ``update``: the learned update's spectrum at the reallocation (the ``spectral`` score);
-* ``mix``: the gradient spectrum's shape with the learned update's total energy as the module's size.
+* ``mix``: the gradient spectrum's shape with the learned update's total energy as the module's size;
+* ``crossfit``: noise removed per direction, not per module: the signal steps' sketches summed apart over even and
+  odd steps (``X_e``, ``X_o``, noise independent between them, the expected gradient common), each direction's
+  value ``max(u_eᵀ X_o v_e, 0) * max(u_oᵀ X_e v_o, 0)`` with ``(u, v)`` the ``j``-th singular pair of the other
+  half: about ``sigma_j^2`` of the expected gradient where it stands above the noise, about 0 where it does not
+  (the default's ``c^4`` weighs a module's whole spectrum, tail included, by one number).
 
     python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR]
     python benchmarks/resplit_probe.py --cap-bound --members 0 1 2 3 4 8 9 10 11 14 15 19
@@ -42,6 +47,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.family import SIGNAL_STEPS, member  # noqa: E402
@@ -54,9 +61,10 @@ from peft_adaptive.allocation import allocate_by_spectrum  # noqa: E402
 from peft_adaptive.scores import consistent_spectrum  # noqa: E402
 from peft_adaptive.scores.gradient_spectrum import gradient_spectra  # noqa: E402
 from peft_adaptive.scores.spectral import update_spectrum  # noqa: E402
+from peft_adaptive.sketch import GradientSketch  # noqa: E402
 from predicted_gain_replay import replay  # noqa: E402
 
-RULES = ("default", "kind", "floor", "update", "mix")
+RULES = ("default", "kind", "floor", "update", "mix", "crossfit")
 
 
 def read_signals(suite: str, seed: int) -> dict:
@@ -81,12 +89,39 @@ def read_signals(suite: str, seed: int) -> dict:
         seen["ranks"] = list(scored.allocation.ranks)
         return scored
 
+    halves: dict[str, list] = {}
+    record_step = GradientSketch.record_step
+
+    def recording(self, scale: float = 1.0) -> bool:
+        parity = self.steps % 2  # the step about to be folded in (a non-finite step is folded into neither)
+        sums = halves.setdefault("sums", [[torch.zeros_like(t) for t in self._total] for _ in range(2)])
+        if bool(torch.stack([t.isfinite().all() for t in self._step]).all()):
+            for total, step in zip(sums[parity], self._step):
+                total.add_(step, alpha=1.0 / scale)
+        return record_step(self, scale)
+
     consistent_spectrum.ConsistentSpectrumScore.allocate = reading
+    GradientSketch.record_step = recording
     try:
         seen.update(replay(suite, SHIPPED_DEFAULT, seed))
     finally:
         consistent_spectrum.ConsistentSpectrumScore.allocate = allocate
+        GradientSketch.record_step = record_step
+    even, odd = halves["sums"]
+    seen["crossfit"] = [crossfit_spectrum(e, o) for e, o in zip(even, odd)]
     return seen
+
+
+def crossfit_spectrum(even: torch.Tensor, odd: torch.Tensor) -> list[float]:
+    """Per direction ``j``, ``max(u_eᵀ X_o v_e, 0) * max(u_oᵀ X_e v_o, 0)`` (sorted, largest first): the product of two
+    estimates of the expected gradient's ``j``-th singular value, each read on the half its direction was not found
+    on, so their noise is independent of the direction (sketches of sums; only ratios between modules matter)."""
+    even, odd = even.double(), odd.double()
+    u_e, _, vh_e = torch.linalg.svd(even, full_matrices=False)
+    u_o, _, vh_o = torch.linalg.svd(odd, full_matrices=False)
+    along_e = torch.einsum("ij,il,jl->j", u_e, odd, vh_e).clamp_min(0)
+    along_o = torch.einsum("ij,il,jl->j", u_o, even, vh_o).clamp_min(0)
+    return sorted((along_e * along_o).tolist(), reverse=True)
 
 
 def by_kind(names: list[str], values: list[list[float]]) -> list[list[float]]:
@@ -116,6 +151,8 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
         ]
     if rule == "update":
         return [[s * s for s in u] for u in seen["update"]]
+    if rule == "crossfit":  # a tiny ramp keeps ties (zeros) in module order's favour of the lower ranks
+        return [[v + 1e-30 * (len(e) - j) for j, v in enumerate(e)] for e in seen["crossfit"]]
     if rule == "mix":
         return [
             [s * s / (sum(x * x for x in g) or 1.0) * sum(x * x for x in u) for s in g]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from peft_adaptive.config import DEFAULT_SIGNAL_STEPS
 
@@ -23,6 +24,7 @@ from resplit_probe import (  # noqa: E402
     by_kind,
     coverage_text,
     covered_share,
+    crossfit_spectrum,
     final_update,
     planted_energies,
     rule_values,
@@ -164,11 +166,12 @@ def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by
         "spectra": [[4.0, 2.0, 1.0], [2.0, 1.0, 1.0], [1.0, 1.0, 0.5], [10.0, 1.0, 1.0]],
         "consistency": [1.0, 0.5, 1.0, 0.25],
         "update": [[1.0, 0.5], [3.0, 0.0], [0.1, 0.1], [2.0, 1.0]],
+        "crossfit": [[3.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [5.0, 2.0, 0.0]],
         "power": 4.0,
     }
     default = rule_values(seen, "default")
     assert default[1] == [(2.0 * 0.25) ** 2, (1.0 * 0.25) ** 2, (1.0 * 0.25) ** 2]  # (sigma * c^2)^2
-    for rule in ("default", "kind", "floor", "update", "mix"):
+    for rule in ("default", "kind", "floor", "update", "mix", "crossfit"):
         assert all(list(v) == sorted(v, reverse=True) for v in rule_values(seen, rule)), rule
     kind = rule_values(seen, "kind")
     median_q = sorted(sum(v) for v in default[:3])[1]
@@ -180,8 +183,32 @@ def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by
     assert by_kind(bert, [[2.0], [4.0], [8.0]]) == [[1.0], [1.0], [1.0]]
     mix = rule_values(seen, "mix")
     assert sum(mix[0]) == pytest.approx(1.0**2 + 0.5**2)  # the update's energy, shaped as the gradient spectrum
+    # crossfit: its zeros get a vanishing ramp, so a tie goes to the lower rank and never outweighs a real value
+    crossfit = rule_values(seen, "crossfit")
+    assert crossfit[0] == pytest.approx([3.0, 0.0, 0.0], abs=1e-20) and crossfit[0][1] > crossfit[0][2] > 0
     with pytest.raises(ValueError, match="unknown rule 'x'"):
         rule_values(seen, "x")
+
+
+def test_crossfit_spectrum_keeps_what_both_halves_share_and_drops_their_independent_noise():
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.zeros(12, 60)
+    expected[0, 0], expected[1, 1] = 5.0, 3.0  # singular values 5 and 3: energies 25 and 9
+    noise = 0.1
+    even = expected + noise * torch.randn(12, 60, generator=generator)
+    odd = expected + noise * torch.randn(12, 60, generator=generator)
+    values = crossfit_spectrum(even, odd)
+    assert values == sorted(values, reverse=True) and min(values) >= 0
+    # the noise (singular values about 1.1 here) shrinks each estimate somewhat: the direction found on one half is a
+    # little off the expected one
+    assert values[0] == pytest.approx(25.0, rel=0.1) and values[1] == pytest.approx(9.0, rel=0.25)
+    assert max(values[2:]) < 0.01 * 9.0  # the noise-only directions: near zero, where sigma^2 of the sum is not
+    assert torch.linalg.svdvals(even + odd)[2] ** 2 > 100 * max(values[2:])
+    # two independent noise halves: every value near zero against the noise's own energy per direction
+    pure = crossfit_spectrum(
+        noise * torch.randn(12, 60, generator=generator), noise * torch.randn(12, 60, generator=generator)
+    )
+    assert max(pure) < noise**2 * 60 / 4
 
 
 def test_canonical_correlations_are_one_where_a_linear_map_predicts_the_gradient_and_near_zero_for_noise():
