@@ -18,6 +18,10 @@ spectrum at that step), then re-split the same budget by each rule below through
   value ``max(u_eᵀ X_o v_e, 0) * max(u_oᵀ X_e v_o, 0)`` with ``(u, v)`` the ``j``-th singular pair of the other
   half: about ``sigma_j^2`` of the expected gradient where it stands above the noise, about 0 where it does not
   (the default's ``c^4`` weighs a module's whole spectrum, tail included, by one number).
+* ``guard<z>``: the default's values, but no module cut below the number of its ``crossfit`` directions that stand
+  ``z`` noise standard deviations clear in both halves (at most ``r``), so a need within ``r`` is not cut to fund
+  growth elsewhere (``z`` 2 and 3);
+* ``narrow``: the default's values within ``r/2..1.5r`` instead of ``1..2r``, half the move in each direction;
 
     python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR]
     python benchmarks/resplit_probe.py --cap-bound --members 0 1 2 3 4 8 9 10 11 14 15 19
@@ -64,7 +68,16 @@ from peft_adaptive.scores.spectral import update_spectrum  # noqa: E402
 from peft_adaptive.sketch import GradientSketch  # noqa: E402
 from predicted_gain_replay import replay  # noqa: E402
 
-RULES = ("default", "kind", "floor", "update", "mix", "crossfit")
+RULES = ("default", "kind", "floor", "update", "mix", "crossfit", "guard2", "guard3", "narrow")
+
+
+def rule_bounds(rule: str, seen: dict) -> tuple[int, int]:
+    """The rank bounds a rule splits within: the run's ``min_r..max_r`` (``max_r = 2r``), but for ``narrow``, the
+    default's values kept within ``r/2..1.5r`` (a move toward uniform by half of each cap: the crude shrink)."""
+    r = seen["max_r"] // 2
+    if rule == "narrow":
+        return max(seen["min_r"], r // 2), r + r // 2
+    return seen["min_r"], seen["max_r"]
 
 
 def read_signals(suite: str, seed: int) -> dict:
@@ -109,7 +122,14 @@ def read_signals(suite: str, seed: int) -> dict:
         GradientSketch.record_step = record_step
     even, odd = halves["sums"]
     seen["crossfit"] = [crossfit_spectrum(e, o) for e, o in zip(even, odd)]
+    seen["half_noise"] = [half_noise(e, o) for e, o in zip(even, odd)]
     return seen
+
+
+def half_noise(even: torch.Tensor, odd: torch.Tensor) -> float:
+    """The noise variance of one entry of one half's sketch, ``|X_e - X_o|^2 / (2 numel)`` (the expected gradient
+    cancels in the difference, the two halves' noise adds): the variance of each factor of a ``crossfit`` value."""
+    return float((even.double() - odd.double()).pow(2).sum() / (2 * even.numel()))
 
 
 def crossfit_spectrum(even: torch.Tensor, odd: torch.Tensor) -> list[float]:
@@ -141,7 +161,7 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
         [(s * c ** (seen["power"] / 2)) ** 2 for s in spectrum]
         for spectrum, c in zip(seen["spectra"], seen["consistency"])
     ]
-    if rule == "default":
+    if rule in ("default", "narrow"):
         return default
     if rule == "kind":
         return by_kind(seen["names"], default)
@@ -151,6 +171,9 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
         ]
     if rule == "update":
         return [[s * s for s in u] for u in seen["update"]]
+    if rule.startswith("guard"):  # the default's values, after a floor no module is cut below (see guard_floors)
+        floors = guard_floors(seen, float(rule.removeprefix("guard")))
+        return [[GUARDED] * floor + v[floor:] for v, floor in zip(default, floors)]
     if rule == "crossfit":  # a tiny ramp keeps ties (zeros) in module order's favour of the lower ranks
         return [[v + 1e-30 * (len(e) - j) for j, v in enumerate(e)] for e in seen["crossfit"]]
     if rule == "mix":
@@ -159,6 +182,19 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
             for g, u in zip(seen["spectra"], seen["update"])
         ]
     raise ValueError(f"unknown rule {rule!r}; allowed: {RULES}")
+
+
+GUARDED = 1e30  # a value no gradient energy reaches: the guarded ranks are handed out first
+
+
+def guard_floors(seen: dict, z: float) -> list[int]:
+    """Per module, how many of its cross-fitted directions stand clear of the noise (both factors above ``z`` noise
+    standard deviations: value ``> (z sd)^2``), at most uniform LoRA's rank ``r`` (``max_r / 2`` for the shipped
+    default): a module keeps at least that many ranks, so a need within ``r`` is not cut to fund growth elsewhere."""
+    r = seen["max_r"] // 2
+    return [
+        min(r, sum(v > z * z * noise for v in values)) for values, noise in zip(seen["crossfit"], seen["half_noise"])
+    ]
 
 
 def planted_energies(index: int, names: list[str]) -> list[list[float]]:
@@ -199,13 +235,15 @@ def probe(index: int, seed: int, cache: Path | None) -> str:
     uniform = uncovered(planted, [m.r] * len(planted))
     line = f"{suite} seed {seed} ({m.group}, {m.teacher}, r={m.r}, {len(m.changes)} changed): uniform {uniform:.3f}"
     for rule in RULES:
-        ranks = allocate_by_spectrum(
-            rule_values(seen, rule), seen["costs"], seen["budget"], seen["min_r"], seen["max_r"]
-        )
+        ranks = allocate_by_spectrum(rule_values(seen, rule), seen["costs"], seen["budget"], *rule_bounds(rule, seen))
         if rule == "default" and list(ranks.ranks) != seen["ranks"]:
             raise SystemExit(f"{suite} seed {seed}: the re-split default's ranks differ from the replayed run's")
         share = share_text(covered_share(planted, ranks.ranks, m.r), "+.2f")
         line += f" | {rule} {uncovered(planted, ranks.ranks):.3f} ({share})"
+    if "half_noise" in seen:
+        line += " | guarded ranks (z 2, 3): " + ", ".join(
+            f"{sum(guard_floors(seen, z))}/{m.r * len(planted)}" for z in (2.0, 3.0)
+        )
     totals = [sum(p) for p in planted]
     steps = SIGNAL_STEPS[m.teacher]
     readings = {

@@ -26,7 +26,9 @@ from resplit_probe import (  # noqa: E402
     covered_share,
     crossfit_spectrum,
     final_update,
+    guard_floors,
     planted_energies,
+    rule_bounds,
     rule_values,
     uncovered,
 )
@@ -188,6 +190,26 @@ def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by
     assert crossfit[0] == pytest.approx([3.0, 0.0, 0.0], abs=1e-20) and crossfit[0][1] > crossfit[0][2] > 0
     with pytest.raises(ValueError, match="unknown rule 'x'"):
         rule_values(seen, "x")
+
+
+def test_guard_keeps_the_directions_clear_of_the_noise_up_to_r_and_narrow_halves_each_cap():
+    # r = 2 (max_r = 2r = 4); noise variance 1: a direction counts at z when its value exceeds z^2
+    seen = {
+        "min_r": 1,
+        "max_r": 4,
+        "crossfit": [[10.0, 5.0, 4.5, 0.5], [5.0, 0.1, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]],
+        "half_noise": [1.0, 1.0, 1.0],
+        "spectra": [[1.0, 0.5, 0.2, 0.1]] * 3,
+        "consistency": [1.0, 1.0, 1.0],
+        "power": 4.0,
+    }
+    assert guard_floors(seen, 2.0) == [2, 1, 0]  # three clear directions, capped at r = 2
+    assert guard_floors(seen, 3.0) == [1, 0, 0]
+    guarded = rule_values(seen, "guard2")
+    assert guarded[0][:2] == [1e30, 1e30] and guarded[0][2:] == rule_values(seen, "default")[0][2:]
+    assert guarded[2] == rule_values(seen, "default")[2]
+    assert rule_bounds("default", seen) == (1, 4) and rule_bounds("narrow", seen) == (1, 3)
+    assert rule_bounds("narrow", {**seen, "max_r": 8}) == (2, 6)  # r = 4
 
 
 def test_crossfit_spectrum_keeps_what_both_halves_share_and_drops_their_independent_noise():
