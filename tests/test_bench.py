@@ -35,6 +35,7 @@ from bench.suites import SUITES  # noqa: E402
         ("adaptive", Method("adaptive", "default")),
         ("adaptive-sensitivity", Method("adaptive-sensitivity", "default", allocation="sensitivity")),
         ("oracle", Method("oracle", "oracle")),
+        ("oracle+max2r", Method("oracle+max2r", "oracle", max_r_factor=2)),
         (DEFAULT_RUN, Method(DEFAULT_RUN, "warm", "gradient_spectrum", "random")),
         (
             DEFAULT_RUN + "+max2r",

@@ -3,7 +3,7 @@
 Methods (``--methods``): ``lora``, ``lora-4x`` (PEFT's own LoraConfig), ``warm-<alloc>-<growth>`` (train at
 rank r for ``warmup`` steps while collecting signals, then reallocate in place with ``AdaptiveLoraModel``),
 ``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
-``oracle`` (planted only). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
+``oracle`` (planted only; ``oracle+max<K>r`` the planted ranks cut to ``K * r``, the oracle held to a cap). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
 ``sketch_energy``, ``spectral``, ``gradient_spectrum``; ``consistent_spectrum`` at ``consistency_power=1`` and
 ``consistent_spectrum2`` at 2, ``consistent_spectrum4`` at the package default 4), ``uniform`` (no reallocation, calibration only), or a
 benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
@@ -140,7 +140,8 @@ def parse_method(name: str) -> Method:
 
 SUFFIX_GRAMMAR = (
     "the suffixes are +s<signal steps> (e.g. +s5) and +max<K>r (max_r = K * r, K >= 1, e.g. +max2r) for "
-    "warm/grow/prune/calib/fixed methods, +reset (optimizer_state='reset'), +rankscale (resize_scaling='rank'), "
+    "warm/grow/prune/calib/fixed methods (on oracle: the planted ranks cut to K * r), +reset "
+    "(optimizer_state='reset'), +rankscale (resize_scaling='rank'), "
     "+gate<g> (min_predicted_gain=g, e.g. +gate1.02) and +eva (EVA's initialisation at rho=1) for warm/grow/prune "
     "methods, and +lr<k>x (the learning rate times k, e.g. +lr0.5x) for any method"
 )
@@ -176,7 +177,7 @@ def _with_suffix(name: str, method: Method, suffix: str) -> Method:
     adaptive = method.kind in (*SIGNAL_STEP_KINDS, "calib", "fixed")
     if adaptive and (steps := re.fullmatch(r"s(\d+)", suffix)):
         return replace(method, signal_steps=int(steps[1]))
-    if adaptive and (factor := re.fullmatch(r"max([1-9]\d*)r", suffix)):
+    if (adaptive or method.kind == "oracle") and (factor := re.fullmatch(r"max([1-9]\d*)r", suffix)):
         return replace(method, max_r_factor=int(factor[1]))
     if suffix == "reset" and method.kind in SIGNAL_STEP_KINDS:
         return replace(method, optimizer_state="reset")
@@ -336,6 +337,11 @@ def embedding_min_ranks(costs: dict[str, int], embeddings: set[str], r: int, min
     return ranks
 
 
+def capped_ranks(ranks: dict[str, int], cap: int) -> dict[str, int]:
+    """``ranks`` with every rank above ``cap`` cut to it."""
+    return {name: min(rank, cap) for name, rank in ranks.items()}
+
+
 def lora_at_ranks(model, suite: Suite, ranks: dict[str, int]):
     """PEFT's LoraConfig adapting exactly the named modules at the given ranks (rank 0: not adapted)."""
     from peft import LoraConfig, get_peft_model
@@ -383,8 +389,9 @@ def build(method: Method, task: Task, model, seed: int = 0):
         # diagnostic: plain LoRA trained from step 0 at the ranks the warm-<alloc>-<growth> run of this seed ended
         # with, to separate the allocation's quality from the cost of changing ranks mid-training
         return lora_at_ranks(model, suite, fixed_ranks(suite.name, method, seed))
-    if method.kind == "oracle":
-        return lora_at_ranks(model, suite, task.planted)
+    if method.kind == "oracle":  # +max<K>r: the planted ranks held to the cap (the default's is 2r)
+        ranks = task.planted if method.max_r_factor is None else capped_ranks(task.planted, max_rank(method, suite))
+        return lora_at_ranks(model, suite, ranks)
     # grow-only: the warmup runs at half the rank and the reallocation only adds ranks (min_r = the warmup rank), so
     # nothing learned is cut. prune: the warmup runs at twice the rank (AdaLoRA's init_r > target_r) and the
     # reallocation cuts to the budget, keeping each module's leading learned directions. Either way the budget is
