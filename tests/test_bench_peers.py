@@ -223,11 +223,8 @@ def test_adalora_orth_reg_equals_what_peft_adds():
 def test_the_oracle_held_to_a_cap_adapts_the_planted_modules_at_their_ranks_cut_to_it():
     task = TinyTask(SUITE)
     task.planted = {"model.layers.0.self_attn.q_proj": 3 * SUITE.r, "model.layers.1.self_attn.v_proj": 1}
-    ranks = {
-        name: module.r["default"]
-        for name, module in build(parse_method("oracle+max2r"), task, task.base_model()).base_model.model.named_modules()
-        if hasattr(module, "lora_A")
-    }
+    capped = build(parse_method("oracle+max2r"), task, task.base_model()).base_model.model
+    ranks = {name: module.r["default"] for name, module in capped.named_modules() if hasattr(module, "lora_A")}
     assert ranks == {"model.layers.0.self_attn.q_proj": 2 * SUITE.r, "model.layers.1.self_attn.v_proj": 1}
     uncapped = build(parse_method("oracle"), task, task.base_model()).base_model.model
     assert uncapped.get_submodule("model.layers.0.self_attn.q_proj").r["default"] == 3 * SUITE.r
