@@ -17,11 +17,11 @@ spectrum at that step), then re-split the same budget by each rule below through
   odd steps (``X_e``, ``X_o``, noise independent between them, the expected gradient common), each direction's
   value ``max(u_eᵀ X_o v_e, 0) * max(u_oᵀ X_e v_o, 0)`` with ``(u, v)`` the ``j``-th singular pair of the other
   half: about ``sigma_j^2`` of the expected gradient where it stands above the noise, about 0 where it does not
-  (the default's ``c^4`` weighs a module's whole spectrum, tail included, by one number).
+  (the default's ``c^4`` weighs a module's whole spectrum, tail included, by one number);
 * ``guard<z>``: the default's values, but no module cut below the number of its ``crossfit`` directions that stand
   ``z`` noise standard deviations clear in both halves (at most ``r``), so a need within ``r`` is not cut to fund
   growth elsewhere (``z`` 2 and 3);
-* ``narrow``: the default's values within ``r/2..1.5r`` instead of ``1..2r``, half the move in each direction;
+* ``narrow``: the default's values within ``r/2..1.5r`` instead of ``1..2r``, half the move in each direction.
 
     python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR]
     python benchmarks/resplit_probe.py --cap-bound --members 0 1 2 3 4 8 9 10 11 14 15 19
@@ -174,7 +174,7 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
     if rule.startswith("guard"):  # the default's values, after a floor no module is cut below (see guard_floors)
         floors = guard_floors(seen, float(rule.removeprefix("guard")))
         return [[GUARDED] * floor + v[floor:] for v, floor in zip(default, floors)]
-    if rule == "crossfit":  # a tiny ramp keeps ties (zeros) in module order's favour of the lower ranks
+    if rule == "crossfit":  # a vanishing ramp: where values tie at zero, a module's lower ranks come first
         return [[v + 1e-30 * (len(e) - j) for j, v in enumerate(e)] for e in seen["crossfit"]]
     if rule == "mix":
         return [
