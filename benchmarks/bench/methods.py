@@ -3,7 +3,8 @@
 Methods (``--methods``): ``lora``, ``lora-4x`` (PEFT's own LoraConfig), ``warm-<alloc>-<growth>`` (train at
 rank r for ``warmup`` steps while collecting signals, then reallocate in place with ``AdaptiveLoraModel``),
 ``calib-<alloc>-<init>`` (``calibrate_adaptive_lora`` on ``--calib-batches`` batches before training), and
-``oracle`` (planted only; ``oracle+max<K>r`` the planted ranks cut to ``K * r``, the oracle held to a cap). ``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
+``oracle`` (planted only; ``oracle+max<K>r``: the planted ranks cut to ``K * r``, the oracle held to a cap).
+``<alloc>`` is a score of ``AdaptiveLoraConfig.score`` (``norms``, ``sensitivity``,
 ``sketch_energy``, ``spectral``, ``gradient_spectrum``; ``consistent_spectrum`` at ``consistency_power=1`` and
 ``consistent_spectrum2`` at 2, ``consistent_spectrum4`` at the package default 4), ``uniform`` (no reallocation, calibration only), or a
 benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing linearly with depth) or ``shuffled``
