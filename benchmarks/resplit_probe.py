@@ -71,10 +71,15 @@ from predicted_gain_replay import replay  # noqa: E402
 RULES = ("default", "kind", "floor", "update", "mix", "crossfit", "guard2", "guard3", "narrow")
 
 
+def uniform_rank(seen: dict) -> int:
+    """Uniform LoRA's rank ``r`` of a replayed run: the shipped default's cap is ``max_r = 2r``."""
+    return seen["max_r"] // 2
+
+
 def rule_bounds(rule: str, seen: dict) -> tuple[int, int]:
     """The rank bounds a rule splits within: the run's ``min_r..max_r`` (``max_r = 2r``), but for ``narrow``, the
     default's values kept within ``r/2..1.5r`` (a move toward uniform by half of each cap: the crude shrink)."""
-    r = seen["max_r"] // 2
+    r = uniform_rank(seen)
     if rule == "narrow":
         return max(seen["min_r"], r // 2), r + r // 2
     return seen["min_r"], seen["max_r"]
@@ -106,12 +111,14 @@ def read_signals(suite: str, seed: int) -> dict:
     record_step = GradientSketch.record_step
 
     def recording(self, scale: float = 1.0) -> bool:
-        parity = self.steps % 2  # the step about to be folded in (a non-finite step is folded into neither)
+        parity = self.steps % 2  # the step about to be folded in
+        step = [t.clone() for t in self._step]  # record_step zeroes the step's buffers
+        finite = record_step(self, scale)  # its own finiteness check: a skipped step goes into neither half
         sums = halves.setdefault("sums", [[torch.zeros_like(t) for t in self._total] for _ in range(2)])
-        if bool(torch.stack([t.isfinite().all() for t in self._step]).all()):
-            for total, step in zip(sums[parity], self._step):
-                total.add_(step, alpha=1.0 / scale)
-        return record_step(self, scale)
+        if finite:
+            for total, folded in zip(sums[parity], step):
+                total.add_(folded, alpha=1.0 / scale)
+        return finite
 
     consistent_spectrum.ConsistentSpectrumScore.allocate = reading
     GradientSketch.record_step = recording
@@ -191,7 +198,7 @@ def guard_floors(seen: dict, z: float) -> list[int]:
     """Per module, how many of its cross-fitted directions stand clear of the noise (both factors above ``z`` noise
     standard deviations: value ``> (z sd)^2``), at most uniform LoRA's rank ``r`` (``max_r / 2`` for the shipped
     default): a module keeps at least that many ranks, so a need within ``r`` is not cut to fund growth elsewhere."""
-    r = seen["max_r"] // 2
+    r = uniform_rank(seen)
     return [
         min(r, sum(v > z * z * noise for v in values)) for values, noise in zip(seen["crossfit"], seen["half_noise"])
     ]
