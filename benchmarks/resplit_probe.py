@@ -21,9 +21,13 @@ spectrum at that step), then re-split the same budget by each rule below through
 * ``guard<z>``: the default's values, but no module cut below the number of its ``crossfit`` directions that stand
   ``z`` noise standard deviations clear in both halves (at most ``r``), so a need within ``r`` is not cut to fund
   growth elsewhere (``z`` 2 and 3);
-* ``narrow``: the default's values within ``r/2..1.5r`` instead of ``1..2r``, half the move in each direction.
+* ``narrow``: the default's values within ``r/2..1.5r`` instead of ``1..2r``, half the move in each direction;
+* ``wide``: the default's values within ``1..3r``: the looser cap, to read against the best ``3r`` split.
 
-    python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR]
+``--batch-scale K`` replays with ``K`` times the suite's batch (the same signal steps, ``K`` times the tokens in each):
+is the default's reading bound by the gradient noise of a CPU-sized batch? Its readings are cached apart (``-bK``).
+
+    python benchmarks/resplit_probe.py --members 0 1 4 5 7 8 9 12 16 --seeds 0 [--cache DIR] [--batch-scale 4]
     python benchmarks/resplit_probe.py --cap-bound --members 0 1 2 3 4 8 9 10 11 14 15 19
     python benchmarks/resplit_probe.py --final-update --members 0 1 2 3 4 5 7 8 9 10 11 12 13 14 15 17 19
 
@@ -49,6 +53,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,7 +73,7 @@ from peft_adaptive.scores.spectral import update_spectrum  # noqa: E402
 from peft_adaptive.sketch import GradientSketch  # noqa: E402
 from predicted_gain_replay import replay  # noqa: E402
 
-RULES = ("default", "kind", "floor", "update", "mix", "crossfit", "guard2", "guard3", "narrow")
+RULES = ("default", "kind", "floor", "update", "mix", "crossfit", "guard2", "guard3", "narrow", "wide")
 
 
 def uniform_rank(seen: dict) -> int:
@@ -78,15 +83,19 @@ def uniform_rank(seen: dict) -> int:
 
 def rule_bounds(rule: str, seen: dict) -> tuple[int, int]:
     """The rank bounds a rule splits within: the run's ``min_r..max_r`` (``max_r = 2r``), but for ``narrow``, the
-    default's values kept within ``r/2..1.5r`` (a move toward uniform by half of each cap: the crude shrink)."""
+    default's values kept within ``r/2..1.5r`` (a move toward uniform by half of each cap: the crude shrink), and
+    for ``wide`` within ``min_r..3r``."""
     r = uniform_rank(seen)
     if rule == "narrow":
         return max(seen["min_r"], r // 2), r + r // 2
+    if rule == "wide":
+        return seen["min_r"], 3 * r
     return seen["min_r"], seen["max_r"]
 
 
-def read_signals(suite: str, seed: int) -> dict:
-    """Replay the default's signal steps on ``suite``/``seed`` and return what its score read."""
+def read_signals(suite: str, seed: int, batch_scale: int = 1) -> dict:
+    """Replay the default's signal steps on ``suite``/``seed`` (with ``batch_scale`` times its batch) and return what
+    its score read."""
     seen: dict = {}
     allocate = consistent_spectrum.ConsistentSpectrumScore.allocate
 
@@ -122,11 +131,14 @@ def read_signals(suite: str, seed: int) -> dict:
 
     consistent_spectrum.ConsistentSpectrumScore.allocate = reading
     GradientSketch.record_step = recording
+    as_run = SUITES[suite]
+    SUITES[suite] = replace(as_run, batch_size=as_run.batch_size * batch_scale)
     try:
         seen.update(replay(suite, SHIPPED_DEFAULT, seed))
     finally:
         consistent_spectrum.ConsistentSpectrumScore.allocate = allocate
         GradientSketch.record_step = record_step
+        SUITES[suite] = as_run
     even, odd = halves["sums"]
     seen["crossfit"] = [crossfit_spectrum(e, o) for e, o in zip(even, odd)]
     seen["half_noise"] = [half_noise(e, o) for e, o in zip(even, odd)]
@@ -168,7 +180,7 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
         [(s * c ** (seen["power"] / 2)) ** 2 for s in spectrum]
         for spectrum, c in zip(seen["spectra"], seen["consistency"])
     ]
-    if rule in ("default", "narrow"):
+    if rule in ("default", "narrow", "wide"):
         return default
     if rule == "kind":
         return by_kind(seen["names"], default)
@@ -228,19 +240,20 @@ def share_text(share: float | None, spec: str = ".2f") -> str:
     return "-" if share is None else format(share, spec)
 
 
-def probe(index: int, seed: int, cache: Path | None) -> str:
+def probe(index: int, seed: int, cache: Path | None, batch_scale: int = 1) -> str:
     suite = f"family-{index:02d}"
-    path = cache / f"{suite}-s{seed}.json" if cache else None
+    scaled = "" if batch_scale == 1 else f"-b{batch_scale}"
+    path = cache / f"{suite}-s{seed}{scaled}.json" if cache else None
     if path and path.is_file():
         seen = json.loads(path.read_text())
     else:
-        seen = read_signals(suite, seed)
+        seen = read_signals(suite, seed, batch_scale)
         if path:
             path.write_text(json.dumps(seen))
     m = member(index)
     planted = planted_energies(index, seen["names"])
     uniform = uncovered(planted, [m.r] * len(planted))
-    line = f"{suite} seed {seed} ({m.group}, {m.teacher}, r={m.r}, {len(m.changes)} changed): uniform {uniform:.3f}"
+    line = f"{suite}{scaled} seed {seed} ({m.group}, {m.teacher}, r={m.r}, {len(m.changes)} changed): uniform {uniform:.3f}"
     for rule in RULES:
         ranks = allocate_by_spectrum(rule_values(seen, rule), seen["costs"], seen["budget"], *rule_bounds(rule, seen))
         if rule == "default" and list(ranks.ranks) != seen["ranks"]:
@@ -345,6 +358,7 @@ def main() -> None:
     parser.add_argument("--members", nargs="+", type=int, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--cache", type=Path, help="keep each replay's reading here and reuse it")
+    parser.add_argument("--batch-scale", type=int, default=1, help="replay with this many times the suite's batch")
     parser.add_argument("--cap-bound", action="store_true", help="the best split under each cap; no replay")
     parser.add_argument(
         "--final-update", action="store_true", help="the split by uniform LoRA's learned update at its end; no replay"
@@ -362,7 +376,7 @@ def main() -> None:
         args.cache.mkdir(parents=True, exist_ok=True)
     for index in args.members:
         for seed in args.seeds:
-            print(probe(index, seed, args.cache), flush=True)
+            print(probe(index, seed, args.cache, args.batch_scale), flush=True)
 
 
 if __name__ == "__main__":
