@@ -192,7 +192,7 @@ def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by
         rule_values(seen, "x")
 
 
-def test_guard_keeps_the_directions_clear_of_the_noise_up_to_r_and_narrow_halves_each_cap():
+def test_guard_keeps_the_directions_clear_of_the_noise_up_to_r_narrow_halves_each_cap_and_wide_allows_3r():
     # r = 2 (max_r = 2r = 4); noise variance 1: a direction counts at z when its value exceeds z^2
     seen = {
         "min_r": 1,
@@ -210,6 +210,9 @@ def test_guard_keeps_the_directions_clear_of_the_noise_up_to_r_and_narrow_halves
     assert guarded[2] == rule_values(seen, "default")[2]
     assert rule_bounds("default", seen) == (1, 4) and rule_bounds("narrow", seen) == (1, 3)
     assert rule_bounds("narrow", {**seen, "max_r": 8}) == (2, 6)  # r = 4
+    # wide: the default's own values under a 3r cap
+    assert rule_bounds("wide", seen) == (1, 6) and rule_bounds("wide", {**seen, "max_r": 8}) == (1, 12)
+    assert rule_values(seen, "wide") == rule_values(seen, "default")
 
 
 def test_crossfit_spectrum_keeps_what_both_halves_share_and_drops_their_independent_noise():
