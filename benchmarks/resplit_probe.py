@@ -22,7 +22,10 @@ spectrum at that step), then re-split the same budget by each rule below through
   ``z`` noise standard deviations clear in both halves (at most ``r``), so a need within ``r`` is not cut to fund
   growth elsewhere (``z`` 2 and 3);
 * ``narrow``: the default's values within ``r/2..1.5r`` instead of ``1..2r``, half the move in each direction;
-* ``wide``: the default's values within ``1..3r``: the looser cap, to read against the best ``3r`` split.
+* ``wide``: the default's values within ``1..3r``: the looser cap, to read against the best ``3r`` split;
+* ``flat<a>``: the default's values, but no module cut below the number of its learned update's singular values at
+  least ``a`` times its largest (at most ``r``): a guard built on what the adapter uses instead of on the noise
+  (``a`` 0.3, 0.5, 0.7).
 
 ``--batch-scale K`` replays with ``K`` times the suite's batch (the same signal steps, ``K`` times the tokens in each):
 is the default's reading bound by the gradient noise of a CPU-sized batch? Its readings are cached apart (``-bK``).
@@ -74,6 +77,7 @@ from peft_adaptive.sketch import GradientSketch  # noqa: E402
 from predicted_gain_replay import replay  # noqa: E402
 
 RULES = ("default", "kind", "floor", "update", "mix", "crossfit", "guard2", "guard3", "narrow", "wide")
+RULES += ("flat0.3", "flat0.5", "flat0.7")
 
 
 def uniform_rank(seen: dict) -> int:
@@ -190,8 +194,11 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
         ]
     if rule == "update":
         return [[s * s for s in u] for u in seen["update"]]
-    if rule.startswith("guard"):  # the default's values, after a floor no module is cut below (see guard_floors)
-        floors = guard_floors(seen, float(rule.removeprefix("guard")))
+    if rule.startswith(("guard", "flat")):  # the default's values, after a floor no module is cut below
+        if rule.startswith("guard"):
+            floors = guard_floors(seen, float(rule.removeprefix("guard")))
+        else:
+            floors = flat_floors(seen, float(rule.removeprefix("flat")))
         return [[GUARDED] * floor + v[floor:] for v, floor in zip(default, floors)]
     if rule == "crossfit":  # a vanishing ramp: where values tie at zero, a module's lower ranks come first
         return [[v + 1e-30 * (len(e) - j) for j, v in enumerate(e)] for e in seen["crossfit"]]
@@ -214,6 +221,13 @@ def guard_floors(seen: dict, z: float) -> list[int]:
     return [
         min(r, sum(v > z * z * noise for v in values)) for values, noise in zip(seen["crossfit"], seen["half_noise"])
     ]
+
+
+def flat_floors(seen: dict, share: float) -> list[int]:
+    """Per module, how many of its learned update's singular values at the reallocation are at least ``share`` times
+    its largest, at most ``r``: the directions the adapter already uses, a module keeps at least that many ranks."""
+    r = uniform_rank(seen)
+    return [min(r, sum(s >= share * u[0] > 0 for s in u)) if u else 0 for u in seen["update"]]
 
 
 def planted_energies(index: int, names: list[str]) -> list[list[float]]:

@@ -26,6 +26,7 @@ from resplit_probe import (  # noqa: E402
     covered_share,
     crossfit_spectrum,
     final_update,
+    flat_floors,
     guard_floors,
     planted_energies,
     rule_bounds,
@@ -192,7 +193,7 @@ def test_resplit_probe_rules_keep_each_module_non_increasing_and_kind_divides_by
         rule_values(seen, "x")
 
 
-def test_guard_keeps_the_directions_clear_of_the_noise_up_to_r_narrow_halves_each_cap_and_wide_allows_3r():
+def test_guard_and_flat_keep_floors_up_to_r_narrow_halves_each_cap_and_wide_allows_3r():
     # r = 2 (max_r = 2r = 4); noise variance 1: a direction counts at z when its value exceeds z^2
     seen = {
         "min_r": 1,
@@ -213,6 +214,13 @@ def test_guard_keeps_the_directions_clear_of_the_noise_up_to_r_narrow_halves_eac
     # wide: the default's own values under a 3r cap
     assert rule_bounds("wide", seen) == (1, 6) and rule_bounds("wide", {**seen, "max_r": 8}) == (1, 12)
     assert rule_values(seen, "wide") == rule_values(seen, "default")
+    # flat<a>: a floor of the learned update's values at least a times its largest, at most r; none without an update
+    updates = {**seen, "update": [[4.0, 3.0, 2.5], [4.0, 1.0], []]}
+    assert flat_floors(updates, 0.5) == [2, 1, 0] and flat_floors(updates, 0.7) == [2, 1, 0]
+    assert flat_floors(updates, 0.8) == [1, 1, 0]
+    flat = rule_values(updates, "flat0.5")
+    assert flat[0][:2] == [1e30, 1e30] and flat[0][2:] == rule_values(seen, "default")[0][2:]
+    assert flat[1][:1] == [1e30] and flat[2] == rule_values(seen, "default")[2]
 
 
 def test_crossfit_spectrum_keeps_what_both_halves_share_and_drops_their_independent_noise():
