@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,10 +29,12 @@ from bench.suites import SUITES  # noqa: E402
 from bench.tasks import make_task  # noqa: E402
 
 
-def replay(suite_name: str, method_name: str, seed: int) -> dict:
-    """The run's first ``signal_steps`` optimizer steps and its reallocation; returns its predicted gain."""
+def replay(suite_name: str, method_name: str, seed: int, batch_scale: int = 1) -> dict:
+    """The run's first ``signal_steps`` optimizer steps and its reallocation; returns its predicted gain. With
+    ``batch_scale`` the steps take that many times the suite's batch (then the ranks cannot match the record's)."""
     method = parse_method(method_name)
-    task = make_task(SUITES[suite_name])
+    suite = SUITES[suite_name]
+    task = make_task(replace(suite, batch_size=suite.batch_size * batch_scale))
     model, _, _ = seeded_model(method, task, seed)  # as the run starts, so the same random numbers are drawn
     before = initialise(method, task, model, seed, calib_batches=16)
     optimizer, schedule = optimizer_and_schedule([p for p in model.parameters() if p.requires_grad], method, task.suite)

@@ -56,7 +56,6 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,8 +75,21 @@ from peft_adaptive.scores.spectral import update_spectrum  # noqa: E402
 from peft_adaptive.sketch import GradientSketch  # noqa: E402
 from predicted_gain_replay import replay  # noqa: E402
 
-RULES = ("default", "kind", "floor", "update", "mix", "crossfit", "guard2", "guard3", "narrow", "wide")
-RULES += ("flat0.3", "flat0.5", "flat0.7")
+RULES = (
+    "default",
+    "kind",
+    "floor",
+    "update",
+    "mix",
+    "crossfit",
+    "guard2",
+    "guard3",
+    "narrow",
+    "wide",
+    "flat0.3",
+    "flat0.5",
+    "flat0.7",
+)
 
 
 def uniform_rank(seen: dict) -> int:
@@ -135,14 +147,11 @@ def read_signals(suite: str, seed: int, batch_scale: int = 1) -> dict:
 
     consistent_spectrum.ConsistentSpectrumScore.allocate = reading
     GradientSketch.record_step = recording
-    as_run = SUITES[suite]
-    SUITES[suite] = replace(as_run, batch_size=as_run.batch_size * batch_scale)
     try:
-        seen.update(replay(suite, SHIPPED_DEFAULT, seed))
+        seen.update(replay(suite, SHIPPED_DEFAULT, seed, batch_scale))
     finally:
         consistent_spectrum.ConsistentSpectrumScore.allocate = allocate
         GradientSketch.record_step = record_step
-        SUITES[suite] = as_run
     even, odd = halves["sums"]
     seen["crossfit"] = [crossfit_spectrum(e, o) for e, o in zip(even, odd)]
     seen["half_noise"] = [half_noise(e, o) for e, o in zip(even, odd)]
@@ -194,11 +203,9 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
         ]
     if rule == "update":
         return [[s * s for s in u] for u in seen["update"]]
-    if rule.startswith(("guard", "flat")):  # the default's values, after a floor no module is cut below
-        if rule.startswith("guard"):
-            floors = guard_floors(seen, float(rule.removeprefix("guard")))
-        else:
-            floors = flat_floors(seen, float(rule.removeprefix("flat")))
+    floored = next((prefix for prefix in FLOORS if rule.startswith(prefix)), None)
+    if floored:  # the default's values, after a floor no module is cut below (guard_floors, flat_floors)
+        floors = FLOORS[floored](seen, float(rule.removeprefix(floored)))
         return [[GUARDED] * floor + v[floor:] for v, floor in zip(default, floors)]
     if rule == "crossfit":  # a vanishing ramp: where values tie at zero, a module's lower ranks come first
         return [[v + 1e-30 * (len(e) - j) for j, v in enumerate(e)] for e in seen["crossfit"]]
@@ -228,6 +235,10 @@ def flat_floors(seen: dict, share: float) -> list[int]:
     its largest, at most ``r``: the directions the adapter already uses, a module keeps at least that many ranks."""
     r = uniform_rank(seen)
     return [min(r, sum(s >= share * u[0] > 0 for s in u)) if u else 0 for u in seen["update"]]
+
+
+#: the floor rules, by prefix: ``guard<z>`` and ``flat<a>``
+FLOORS = {"guard": guard_floors, "flat": flat_floors}
 
 
 def planted_energies(index: int, names: list[str]) -> list[list[float]]:
