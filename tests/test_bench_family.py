@@ -19,6 +19,8 @@ from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
 from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
+from loss_value_probe import adapter_svd, added, running_min, weight_gradients  # noqa: E402
+from loss_value_probe import rule_values as loss_rule_values  # noqa: E402
 from resplit_probe import (  # noqa: E402
     best_split,
     by_kind,
@@ -287,3 +289,58 @@ def test_score_flatness_probe_reads_equal_scores_as_flat_and_one_module_as_conce
     assert top_share([1.0] * 20) == pytest.approx(0.1)  # the top tenth of equal values holds a tenth
     assert top_share([7.0, 1.0, 1.0, 1.0]) == pytest.approx(0.7)  # at least one value: the largest
     assert top_share(list(range(1, 21)), 0.1) == pytest.approx((20 + 19) / 210)
+
+
+def _tiny_lora(seed: int = 0):
+    """A two-layer model with LoRA (rank 2) on both layers and non-zero ``B``, so the adapter's update is real."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    layers = [model.base_model.model[0], model.base_model.model[2]]
+    return model, layers
+
+
+class _SquaredTask:
+    """The ``task.loss(model, batch, target)`` a ``HiddenStateTask`` has, on plain tensors."""
+
+    @staticmethod
+    def loss(model, batch, target):
+        return (model(batch) - target).pow(2).mean()
+
+
+def test_loss_value_probe_removes_the_adapters_directions_and_reads_the_weight_gradient():
+    model, layers = _tiny_lora()
+    x, target = torch.randn(3, 7, 6), torch.randn(3, 7, 4)
+    # removing every singular direction of s B A leaves the base layer alone
+    first = layers[0]
+    U, S, Vh = adapter_svd(first, "default")
+    assert U.shape == (5, 2) and Vh.shape == (2, 6) and S[0] >= S[1] > 0
+    with torch.no_grad(), added(first, U[:, 0], Vh[0], -float(S[0])), added(first, U[:, 1], Vh[1], -float(S[1])):
+        assert torch.allclose(first(x), first.base_layer(x), atol=1e-5)
+        assert not torch.allclose(first(x) + 0.1, first.base_layer(x))
+    # the gradient it reads is autograd's with respect to the frozen base weights, summed over the batches
+    batches, targets = [x, x[:2]], [target, target[:2]]
+    grads = weight_gradients(model, _SquaredTask, batches, targets, layers)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" in n)  # the probe left no gradient
+    for layer in layers:
+        layer.base_layer.weight.requires_grad_(True)
+    sum(_SquaredTask.loss(model, b, t) / 2 for b, t in zip(batches, targets)).backward()
+    for layer, grad in zip(layers, grads):
+        assert torch.allclose(grad.float(), layer.base_layer.weight.grad, atol=1e-6)
+
+
+def test_loss_value_rules_run_the_keep_values_into_the_growth_values_or_sort_them():
+    assert running_min([3.0, 1.0, 2.0, 0.5]) == [3.0, 1.0, 1.0, 0.5]
+    seen = {"loss_values": [{"keep": [2.0, -1.0], "growth": [1.5, 0.5]}, {"keep": [0.2, 0.1], "growth": [4.0, 3.0]}]}
+    conservative = loss_rule_values(seen, "loss")
+    optimistic = loss_rule_values(seen, "loss-sorted")
+    assert [round(v, 6) for v in conservative[0]] == [2.0, 0.0, 0.0, 0.0]  # a negative keep value stops growth
+    assert [round(v, 6) for v in conservative[1]] == [0.2, 0.1, 0.1, 0.1]
+    assert [round(v, 6) for v in optimistic[1]] == [4.0, 3.0, 0.2, 0.1]
+    for values in conservative + optimistic:
+        assert all(a >= b for a, b in zip(values, values[1:]))  # allocate_by_spectrum needs non-increasing lists
