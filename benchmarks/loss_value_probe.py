@@ -195,18 +195,52 @@ def running_min(values: list[float]) -> list[float]:
     return out
 
 
+def kept_loss(values: dict) -> float:
+    """What the module's learned directions hold: the sum of its positive keep values."""
+    return sum(max(x, 0.0) for x in values["keep"])
+
+
+def concentration(seen: dict) -> float:
+    """How few modules hold what the adapters learned, in loss units: the participation ratio of the modules' kept
+    loss over the number of modules (``1/n``: one module holds all; 1: every module holds the same)."""
+    kept = [kept_loss(v) for v in seen["loss_values"]]
+    total, square = sum(kept), sum(k * k for k in kept)
+    return total * total / (square * len(kept)) if square > 0 else 1.0
+
+
+#: ``keep-gate`` keeps uniform LoRA where what was learned is spread at least this evenly (chosen on the choose
+#: members and family-07 at seed 0: 0.04-0.12 on the first, 0.29 on family-07)
+SPREAD_GATE = 0.2
+
+
 def rule_values(seen: dict, rule: str) -> list[list[float]]:
-    """Per module, what each rank is worth under ``loss`` or ``loss-sorted`` (non-increasing, positive)."""
+    """Per module, what each rank is worth under ``rule`` (non-increasing, positive); see ``RULES``."""
     tiny = 1e-30  # a vanishing ramp keeps ties and non-positive values in a module's own order
     out = []
-    for v in seen["loss_values"]:
-        values = [max(x, 0.0) for x in v["keep"] + v["growth"]]
-        values = sorted(values, reverse=True) if rule == "loss-sorted" else running_min(values)
+    for v, gradient in zip(seen["loss_values"], seen["spectra"]):
+        if rule in ("keep-mix", "keep-gate"):
+            energy = sum(s * s for s in gradient) or 1.0
+            values = [s * s / energy * kept_loss(v) for s in gradient]
+        else:
+            values = [max(x, 0.0) for x in v["keep"] + v["growth"]]
+            values = sorted(values, reverse=True) if rule == "loss-sorted" else running_min(values)
         out.append([x + tiny * (len(values) - j) for j, x in enumerate(values)])
     return out
 
 
-RULES = ("loss", "loss-sorted")
+def rule_ranks(seen: dict, rule: str) -> list[int]:
+    """The ranks ``rule`` splits the run's budget into under its caps; ``keep-gate``: uniform LoRA's rank ``r``
+    everywhere where ``concentration`` reaches ``SPREAD_GATE``, else ``keep-mix``'s split."""
+    if rule == "keep-gate" and concentration(seen) >= SPREAD_GATE:
+        return [seen["max_r"] // 2] * len(seen["names"])
+    values = rule_values(seen, rule)
+    return list(allocate_by_spectrum(values, seen["costs"], seen["budget"], seen["min_r"], seen["max_r"]).ranks)
+
+
+#: ``loss``, ``loss-sorted``: the registered rules (2026-12-08, 01:07 UTC); ``keep-mix`` (each module's gradient
+#: spectrum's shape times its kept loss) and ``keep-gate`` (the same, or uniform where the kept loss is spread)
+#: were found after their readings, on the same members (RESULTS.md)
+RULES = ("loss", "loss-sorted", "keep-mix", "keep-gate")
 
 
 def probe(index: int, seed: int, cache: Path | None) -> str:
@@ -221,13 +255,10 @@ def probe(index: int, seed: int, cache: Path | None) -> str:
     m = member(index)
     planted = resplit_probe.planted_energies(index, seen["names"])
     line = f"{suite} seed {seed} ({m.group}, {m.teacher}, r={m.r})"
-    bounds = (seen["min_r"], seen["max_r"])
-    splits = {"default": seen["ranks"]}
-    for rule in RULES:
-        splits[rule] = list(allocate_by_spectrum(rule_values(seen, rule), seen["costs"], seen["budget"], *bounds).ranks)
+    splits = {"default": seen["ranks"], **{rule: rule_ranks(seen, rule) for rule in RULES}}
     for rule, ranks in splits.items():
         line += f" | {rule} {resplit_probe.coverage_text(planted, ranks, m.r)}"
-    return line
+    return line + f" | spread of the kept loss {concentration(seen):.3f}"
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
 from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
-from loss_value_probe import adapter_svd, added, running_min, weight_gradients  # noqa: E402
+from loss_value_probe import SPREAD_GATE, adapter_svd, added, concentration, rule_ranks, running_min, weight_gradients  # noqa: E402
 from loss_value_probe import rule_values as loss_rule_values  # noqa: E402
 from resplit_probe import (  # noqa: E402
     best_split,
@@ -336,7 +336,10 @@ def test_loss_value_probe_removes_the_adapters_directions_and_reads_the_weight_g
 
 def test_loss_value_rules_run_the_keep_values_into_the_growth_values_or_sort_them():
     assert running_min([3.0, 1.0, 2.0, 0.5]) == [3.0, 1.0, 1.0, 0.5]
-    seen = {"loss_values": [{"keep": [2.0, -1.0], "growth": [1.5, 0.5]}, {"keep": [0.2, 0.1], "growth": [4.0, 3.0]}]}
+    seen = {
+        "loss_values": [{"keep": [2.0, -1.0], "growth": [1.5, 0.5]}, {"keep": [0.2, 0.1], "growth": [4.0, 3.0]}],
+        "spectra": [[1.0], [1.0]],
+    }
     conservative = loss_rule_values(seen, "loss")
     optimistic = loss_rule_values(seen, "loss-sorted")
     assert [round(v, 6) for v in conservative[0]] == [2.0, 0.0, 0.0, 0.0]  # a negative keep value stops growth
@@ -344,3 +347,28 @@ def test_loss_value_rules_run_the_keep_values_into_the_growth_values_or_sort_the
     assert [round(v, 6) for v in optimistic[1]] == [4.0, 3.0, 0.2, 0.1]
     for values in conservative + optimistic:
         assert all(a >= b for a, b in zip(values, values[1:]))  # allocate_by_spectrum needs non-increasing lists
+
+
+def test_keep_gate_splits_by_gradient_shape_times_kept_loss_unless_the_kept_loss_is_spread():
+    def seen(kept: list[float]) -> dict:
+        n = len(kept)
+        return {
+            "names": [f"m{i}" for i in range(n)],
+            "loss_values": [{"keep": [k, -1.0], "growth": [0.0, 0.0]} for k in kept],  # negative: counts as 0
+            "spectra": [[1.0, 1.0]] * n,  # every module's gradient spectrum the same, flat: it may grow
+            "costs": [10] * n,
+            "budget": 2 * 10 * n,  # uniform rank 2
+            "min_r": 1,
+            "max_r": 4,
+        }
+
+    concentrated, spread = seen([8.0] + [0.1] * 7), seen([1.0] * 8)
+    assert concentration(spread) == pytest.approx(1.0)
+    assert concentration(seen([1.0] + [0.0] * 7)) == pytest.approx(1 / 8)
+    assert concentration(concentrated) < SPREAD_GATE <= concentration(spread)
+    # where one module holds what was learned, it grows to the cap and the rest pay for it
+    mixed = rule_ranks(concentrated, "keep-mix")
+    assert mixed[0] == 4 and sum(mixed) == 16 and min(mixed[1:]) >= 1
+    assert rule_ranks(concentrated, "keep-gate") == mixed
+    # where every module holds as much, the gate keeps uniform LoRA's ranks
+    assert rule_ranks(spread, "keep-gate") == [2] * 8
