@@ -229,18 +229,23 @@ def rule_values(seen: dict, rule: str) -> list[list[float]]:
 
 
 def rule_ranks(seen: dict, rule: str) -> list[int]:
-    """The ranks ``rule`` splits the run's budget into under its caps; ``keep-gate``: uniform LoRA's rank ``r``
-    everywhere where ``concentration`` reaches ``SPREAD_GATE``, else ``keep-mix``'s split."""
+    """The ranks ``rule`` splits the run's budget into under its caps (the run's ``2r``, or ``<K>r`` after an ``@``);
+    ``keep-gate``: uniform LoRA's rank ``r`` everywhere where ``concentration`` reaches ``SPREAD_GATE``, else
+    ``keep-mix``'s split."""
+    rule, _, cap = rule.partition("@")
+    r = seen["max_r"] // 2
     if rule == "keep-gate" and concentration(seen) >= SPREAD_GATE:
-        return [seen["max_r"] // 2] * len(seen["names"])
+        return [r] * len(seen["names"])
+    max_r = int(cap.removesuffix("r")) * r if cap else seen["max_r"]
     values = rule_values(seen, rule)
-    return list(allocate_by_spectrum(values, seen["costs"], seen["budget"], seen["min_r"], seen["max_r"]).ranks)
+    return list(allocate_by_spectrum(values, seen["costs"], seen["budget"], seen["min_r"], max_r).ranks)
 
 
 #: ``loss``, ``loss-sorted``: the registered rules (2026-12-08, 01:07 UTC); ``keep-mix`` (each module's gradient
 #: spectrum's shape times its kept loss) and ``keep-gate`` (the same, or uniform where the kept loss is spread)
-#: were found after their readings, on the same members (RESULTS.md)
-RULES = ("loss", "loss-sorted", "keep-mix", "keep-gate")
+#: were found after their readings, on the same members, and read at looser caps (``@3r``, ``@4r``) after the
+#: registered test at ``2r`` (RESULTS.md)
+RULES = ("loss", "loss-sorted", "keep-mix", "keep-gate", "keep-gate@3r", "keep-gate@4r")
 
 
 def probe(index: int, seed: int, cache: Path | None) -> str:
