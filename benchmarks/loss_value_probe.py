@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,36 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import predicted_gain_replay  # noqa: E402
 import resplit_probe  # noqa: E402
 from bench.family import member  # noqa: E402
+from bench.kept_loss import (  # noqa: E402
+    adapter_svd,
+    added,
+    batch_loss,
+    concentration,
+    keep_gate_ranks,
+    keep_mix_values,
+    keep_values,
+    kept_loss,
+    measuring_batches,
+)
 from peft_adaptive.allocation import allocate_by_spectrum  # noqa: E402
-from peft_adaptive.resize import lora_factors  # noqa: E402
 
-MEASURE_BATCHES = 4  # the training batches after the signal steps the values are read on
 FIRST_ORDER_CUT = 0.01  # the probe step cuts the loss by this share to first order
 LONGEST_STEP = 10.0  # a Newton step is taken at most this many probe steps long
-
-
-def adapter_svd(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, S, Vh`` of the adapter's contribution ``s B A`` (rank ``r``, thin)."""
-    A, B = lora_factors(layer, adapter)
-    delta = (B.detach().double() * layer.scaling[adapter]) @ A.detach().double()
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    r = A.shape[0]
-    return U[:, :r], S[:r], Vh[:r]
-
-
-@contextmanager
-def added(layer, u: torch.Tensor, v: torch.Tensor, scale: float):
-    """The layer's output plus ``scale * (x · v) u``: its weight moved by ``scale * u vᵀ``, for the ``with`` block."""
-
-    def hook(_module, args, output):
-        x = args[0]
-        return output + scale * (x @ v.to(x.dtype)).unsqueeze(-1) * u.to(x.dtype)
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def weight_gradients(model, task, batches, targets, layers) -> list[torch.Tensor]:
@@ -98,27 +82,19 @@ def weight_gradients(model, task, batches, targets, layers) -> list[torch.Tensor
 
 
 def loss_values(model, task, seed: int, step: int, layers, adapter: str, r: int, grow: int) -> list[dict]:
-    """Per layer, its ``keep`` values (``r``) and ``growth`` values (``grow``), in loss units (see the docstring)."""
-    batches = task.batches(seed, MEASURE_BATCHES, offset=step)
-    with torch.no_grad():
-        targets = [task.teacher(**b).last_hidden_state for b in batches]
-
-    def loss() -> float:
-        with torch.no_grad():
-            return sum(float(task.loss(model, b, t)) for b, t in zip(batches, targets)) / len(batches)
-
+    """Per layer, its ``keep`` values (``r``, ``bench.kept_loss.keep_values``) and ``growth`` values (``grow``), in
+    loss units (see the docstring)."""
+    batches, targets = measuring_batches(task, seed, step)
+    loss = batch_loss(model, task, batches, targets)
     was_training = model.training
     model.eval()
     base = loss()
     with torch.enable_grad():
         grads = weight_gradients(model, task, batches, targets, layers)
+    keeps = keep_values(layers, adapter, loss)
     out = []
-    for layer, grad in zip(layers, grads):
-        U, S, Vh = adapter_svd(layer, adapter)
-        keep = []
-        for j in range(r):
-            with added(layer, U[:, j], Vh[j], -float(S[j])):
-                keep.append(loss() - base)
+    for layer, grad, keep in zip(layers, grads, keeps):
+        U, _, Vh = adapter_svd(layer, adapter)
         normal = grad - U @ (U.T @ grad)
         normal = normal - (normal @ Vh.T) @ Vh
         gu, gs, gvh = torch.linalg.svd(normal, full_matrices=False)
@@ -139,8 +115,7 @@ def loss_values(model, task, seed: int, step: int, layers, adapter: str, r: int,
             step_len = min(newton, t_max)
             growth.append(sigma * step_len - 0.5 * max(h, 0.0) * step_len**2)
         out.append({"keep": keep, "growth": growth})
-    if was_training:
-        model.train()
+    model.train(was_training)
     return out
 
 
@@ -195,48 +170,32 @@ def running_min(values: list[float]) -> list[float]:
     return out
 
 
-def kept_loss(values: dict) -> float:
-    """What the module's learned directions hold: the sum of its positive keep values."""
-    return sum(max(x, 0.0) for x in values["keep"])
-
-
-def concentration(seen: dict) -> float:
-    """How few modules hold what the adapters learned, in loss units: the participation ratio of the modules' kept
-    loss over the number of modules (``1/n``: one module holds all; 1: every module holds the same)."""
-    kept = [kept_loss(v) for v in seen["loss_values"]]
-    total, square = sum(kept), sum(k * k for k in kept)
-    return total * total / (square * len(kept)) if square > 0 else 1.0
-
-
-#: ``keep-gate`` keeps uniform LoRA where what was learned is spread at least this evenly (chosen on the choose
-#: members and family-07 at seed 0: 0.04-0.12 on the first, 0.29 on family-07)
-SPREAD_GATE = 0.2
+def kept(seen: dict) -> list[float]:
+    """Each module's kept loss (``bench.kept_loss.kept_loss``)."""
+    return [kept_loss(v["keep"]) for v in seen["loss_values"]]
 
 
 def rule_values(seen: dict, rule: str) -> list[list[float]]:
     """Per module, what each rank is worth under ``rule`` (non-increasing, positive); see ``RULES``."""
+    if rule in ("keep-mix", "keep-gate"):
+        return keep_mix_values(seen["spectra"], kept(seen))
     tiny = 1e-30  # a vanishing ramp keeps ties and non-positive values in a module's own order
     out = []
-    for v, gradient in zip(seen["loss_values"], seen["spectra"]):
-        if rule in ("keep-mix", "keep-gate"):
-            energy = sum(s * s for s in gradient) or 1.0
-            values = [s * s / energy * kept_loss(v) for s in gradient]
-        else:
-            values = [max(x, 0.0) for x in v["keep"] + v["growth"]]
-            values = sorted(values, reverse=True) if rule == "loss-sorted" else running_min(values)
+    for v in seen["loss_values"]:
+        values = [max(x, 0.0) for x in v["keep"] + v["growth"]]
+        values = sorted(values, reverse=True) if rule == "loss-sorted" else running_min(values)
         out.append([x + tiny * (len(values) - j) for j, x in enumerate(values)])
     return out
 
 
 def rule_ranks(seen: dict, rule: str) -> list[int]:
     """The ranks ``rule`` splits the run's budget into under its caps (the run's ``2r``, or ``<K>r`` after an ``@``);
-    ``keep-gate``: uniform LoRA's rank ``r`` everywhere where ``concentration`` reaches ``SPREAD_GATE``, else
-    ``keep-mix``'s split."""
+    ``keep-gate``: ``bench.kept_loss.keep_gate_ranks`` (uniform where the kept loss is spread, else ``keep-mix``)."""
     rule, _, cap = rule.partition("@")
     r = seen["max_r"] // 2
-    if rule == "keep-gate" and concentration(seen) >= SPREAD_GATE:
-        return [r] * len(seen["names"])
     max_r = int(cap.removesuffix("r")) * r if cap else seen["max_r"]
+    if rule == "keep-gate":
+        return keep_gate_ranks(seen["spectra"], kept(seen), seen["costs"], seen["budget"], r, seen["min_r"], max_r)
     values = rule_values(seen, rule)
     return list(allocate_by_spectrum(values, seen["costs"], seen["budget"], seen["min_r"], max_r).ranks)
 
@@ -263,7 +222,7 @@ def probe(index: int, seed: int, cache: Path | None) -> str:
     splits = {"default": seen["ranks"], **{rule: rule_ranks(seen, rule) for rule in RULES}}
     for rule, ranks in splits.items():
         line += f" | {rule} {resplit_probe.coverage_text(planted, ranks, m.r)}"
-    return line + f" | spread of the kept loss {concentration(seen):.3f}"
+    return line + f" | spread of the kept loss {concentration(kept(seen)):.3f}"
 
 
 def main() -> None:

@@ -15,11 +15,12 @@ from peft_adaptive.config import DEFAULT_SIGNAL_STEPS
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench import family  # noqa: E402
+from bench.kept_loss import SPREAD_GATE, adapter_svd, added, concentration  # noqa: E402
 from bench.suites import SUITES  # noqa: E402
 from bench.transforms import letter_cipher, text_transform, without_spaces  # noqa: E402
 from canonical_probe import accumulate, canonical_correlations, module_statistics  # noqa: E402
 from gradient_consistency_probe import auc, coverage  # noqa: E402
-from loss_value_probe import SPREAD_GATE, adapter_svd, added, concentration, rule_ranks, running_min, weight_gradients  # noqa: E402
+from loss_value_probe import kept, rule_ranks, running_min, weight_gradients  # noqa: E402
 from loss_value_probe import rule_values as loss_rule_values  # noqa: E402
 from resplit_probe import (  # noqa: E402
     best_split,
@@ -363,9 +364,10 @@ def test_keep_gate_splits_by_gradient_shape_times_kept_loss_unless_the_kept_loss
         }
 
     concentrated, spread = seen([8.0] + [0.1] * 7), seen([1.0] * 8)
-    assert concentration(spread) == pytest.approx(1.0)
-    assert concentration(seen([1.0] + [0.0] * 7)) == pytest.approx(1 / 8)
-    assert concentration(concentrated) < SPREAD_GATE <= concentration(spread)
+    assert concentration(kept(spread)) == pytest.approx(1.0)
+    assert concentration([1.0] + [0.0] * 7) == pytest.approx(1 / 8)
+    assert concentration([0.0] * 3) == 1.0  # nothing held anywhere: spread, uniform ranks
+    assert concentration(kept(concentrated)) < SPREAD_GATE <= concentration(kept(spread))
     # where one module holds what was learned, it grows to the cap and the rest pay for it
     mixed = rule_ranks(concentrated, "keep-mix")
     assert mixed[0] == 4 and sum(mixed) == 16 and min(mixed[1:]) >= 1

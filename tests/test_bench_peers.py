@@ -16,7 +16,7 @@ from .tiny_models import VOCAB, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench import common, peers, runner  # noqa: E402
+from bench import common, kept_loss, peers, runner  # noqa: E402
 from bench.methods import SHIPPED_DEFAULT, SHIPPED_DEFAULT_SHUFFLED, build, hindsight_ranks, parse_method  # noqa: E402
 from bench.records import result_path  # noqa: E402
 from bench.suites import Suite  # noqa: E402
@@ -228,3 +228,27 @@ def test_the_oracle_held_to_a_cap_adapts_the_planted_modules_at_their_ranks_cut_
     assert ranks == {"model.layers.0.self_attn.q_proj": 2 * SUITE.r, "model.layers.1.self_attn.v_proj": 1}
     uncapped = build(parse_method("oracle"), task, task.base_model()).base_model.model
     assert uncapped.get_submodule("model.layers.0.self_attn.q_proj").r["default"] == 3 * SUITE.r
+
+
+def test_keepgate_splits_the_budget_by_the_kept_loss_read_at_the_reallocation(monkeypatch):
+    """``warm-keepgate-*``: the shipped default's signal steps, then each module's kept loss read on the next
+    batches; the budget split by it, or uniform LoRA's ranks where the gate holds."""
+    task = TinyTask(SUITE)
+    name = "warm-keepgate-random+max2r+reset"
+    monkeypatch.setattr(kept_loss, "SPREAD_GATE", 2.0)  # never gated: the split itself
+    split = runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task)
+    reading = split["kept_loss"]
+    assert set(reading["modules"]) == set(split["ranks"]) and not reading["gated"]
+    assert min(reading["modules"].values()) >= 0 < max(reading["modules"].values())
+    assert 0 < reading["spread"] <= 1
+    assert split["allocation"]["step"] == SUITE.warmup
+    assert split["adapter_params"] <= 2 * 64 * len(TARGETS) * 2  # uniform LoRA's budget
+    assert set(split["ranks"].values()) != {SUITE.r} and max(split["ranks"].values()) <= 2 * SUITE.r
+    monkeypatch.setattr(kept_loss, "SPREAD_GATE", 0.0)  # always gated
+    gated = runner.run_one(SUITE.name, name, 0, calib_batches=2, task=task)
+    assert gated["kept_loss"]["gated"] and set(gated["ranks"].values()) == {SUITE.r}
+    assert gated["kept_loss"]["modules"] == reading["modules"]  # the same run up to the reallocation
+    # it reads the shipped default's signals; a kind without a warm run's reallocation is refused
+    assert build(parse_method(name), task, task.base_model(), 0).peft_config["default"].score == "consistent_spectrum"
+    with pytest.raises(SystemExit, match="keepgate is read at a warm run's reallocation"):
+        parse_method("calib-keepgate-random")

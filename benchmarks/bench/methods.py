@@ -11,7 +11,8 @@ benchmark-only baseline: ``random`` (random scores), ``ramp`` (rank growing line
 (the final ranks of the default's run of the same seed, permuted at random among modules of equal cost per rank:
 the same rank distribution in other places; ``shuffled_default`` the same with the shipped default's run,
 ``SHIPPED_DEFAULT``, as source: run as ``warm-shuffled_default-random+max2r+reset`` it is that run with only the
-places of its ranks changed), all at the same budget through
+places of its ranks changed), or ``keepgate`` (warm only: the shipped default's signal steps, then ranks from each
+module's kept loss, ``bench.kept_loss``), all at the same budget through
 ``AdaptiveLoraModel.reallocate(ranks=...)``. ``<growth>``/``<init>`` is ``gradient`` or
 ``random``. ``adaptive`` is the package default (``AdaptiveLoraConfig()`` with only the budget-related fields set),
 ``adaptive-<score>`` the same with another ``score``.
@@ -86,6 +87,7 @@ PREVIOUS_DEFAULT = "warm-consistent_spectrum2-random+max2r+reset"
 #: the run name of the shipped default (``score="consistent_spectrum"`` at ``consistency_power=4``, random growth,
 #: ``max_r = 2r``, ``optimizer_state="reset"``): the method every other is compared with, besides uniform LoRA
 SHIPPED_DEFAULT = "warm-consistent_spectrum4-random+max2r+reset"
+SHIPPED_SCORE = SHIPPED_DEFAULT.split("-")[1]  # its harness score name
 #: plain LoRA from step 0 at the ranks the same seed's shipped-default run ended with (``fixed_ranks`` finds that
 #: run, ``+reset`` included): whether the default's ranks alone pay, without its two-phase run
 SHIPPED_DEFAULT_RANKS_FROM_START = "fixed-" + SHIPPED_DEFAULT.removeprefix("warm-").removesuffix("+reset")
@@ -94,6 +96,9 @@ SHIPPED_DEFAULT_RANKS_FROM_START = "fixed-" + SHIPPED_DEFAULT.removeprefix("warm
 SHUFFLED_SOURCES = {"shuffled": DEFAULT_RUN, "shuffled_default": SHIPPED_DEFAULT}
 #: the benchmark-only allocations: random scores, a depth ramp, and the shuffled ranks of a default's run
 BASELINE_ALLOCATIONS = ("random", "ramp", *SHUFFLED_SOURCES)
+#: the allocations the harness reads off the model itself at the reallocation (``bench.kept_loss``), from the
+#: shipped default's signal steps: ``keepgate``, warm runs only (and ``fixed-keepgate-*`` at a warm run's ranks)
+KEPT_LOSS_ALLOCATIONS = ("keepgate",)
 #: the shipped default's run with its final ranks permuted among modules of equal cost per rank (same seed, same
 #: signal steps and resize step): whether the default's placement pays inside its two-phase run
 SHIPPED_DEFAULT_SHUFFLED = "warm-shuffled_default-" + SHIPPED_DEFAULT.split("-", 2)[2]  # its growth and suffixes
@@ -210,8 +215,12 @@ def _parse_adaptive(name: str, spec: str) -> Method:
     kind, _, rest = spec.partition("-")
     allocation, _, growth = rest.rpartition("-")
     allocation, _, exponent = allocation.partition("@")  # e.g. warm-gradient_spectrum@0.5-gradient
-    allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, "uniform")
+    allowed = (*SCORE_NAMES, *BASELINE_ALLOCATIONS, *KEPT_LOSS_ALLOCATIONS, "uniform")
     kinds = (*SIGNAL_STEP_KINDS, "calib", "fixed")
+    if allocation in KEPT_LOSS_ALLOCATIONS and kind not in ("warm", "fixed"):
+        raise SystemExit(
+            f"unknown method {name!r}: {allocation} is read at a warm run's reallocation (warm- or fixed-)"
+        )
     if kind == "fixed" and allocation in FIXED_RULES and growth == "random":
         return Method(name, kind, allocation, growth)
     if kind not in kinds or allocation not in allowed or growth not in ("gradient", "random"):
@@ -404,7 +413,10 @@ def build(method: Method, task: Task, model, seed: int = 0):
     if method.kind == "default" and method.allocation in SCORE_NAMES:
         adaptive_kwargs.update(score_kwargs(method.allocation))
     if method.kind != "default":
-        adaptive_kwargs.update(score_kwargs(method.allocation if method.allocation in SCORE_NAMES else "norms"))
+        # what the run collects: its score's signals; the shipped default's for the kept-loss allocations, which
+        # read its gradient spectra; "norms" (cheap) for the baselines, which read none
+        collected = SHIPPED_SCORE if method.allocation in KEPT_LOSS_ALLOCATIONS else method.allocation
+        adaptive_kwargs.update(score_kwargs(collected if collected in SCORE_NAMES else "norms"))
         adaptive_kwargs.update(
             min_r=warm_r if method.kind == "grow" else suite.min_r,
             max_r=max_rank(method, suite),

@@ -13,9 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import common, peers
+from . import common, kept_loss, peers
 from .methods import (
     BASELINE_ALLOCATIONS,
+    KEPT_LOSS_ALLOCATIONS,
     SIGNAL_STEP_KINDS,
     Method,
     baseline_ranks,
@@ -41,6 +42,7 @@ class Training:
     report: Any = None  # the reallocation's AllocationReport (or the calibration's), if any
     reallocation_seconds: float | None = None  # our in-place reallocation, not in step_seconds
     allocate_seconds: list[float] = field(default_factory=list)  # AdaLoRA's update_and_allocate, per step
+    kept_loss: dict | None = None  # a kept-loss allocation's reading (bench.kept_loss), if any
 
 
 def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, task: Task | None = None) -> dict:
@@ -72,6 +74,7 @@ def run_one(suite_name: str, method_name: str, seed: int, calib_batches: int, ta
         ],
         **budget_record(model, method),
         "allocation": allocation_record(training.report, before_training.get("eva")),
+        **({"kept_loss": training.kept_loss} if training.kept_loss is not None else {}),
         "calib_batches": calib_batches if method.kind == "calib" else 0,
         "train_seconds": round(train_seconds, 1),
         "lr": method_lr(method, suite),
@@ -175,11 +178,11 @@ def train(
             )
         if collecting and step == signal_steps(method, suite):
             collecting = False
-            ranks = (
-                baseline_ranks(method.allocation, tuner, seed, suite)
-                if method.allocation in BASELINE_ALLOCATIONS
-                else None
-            )
+            ranks = None
+            if method.allocation in BASELINE_ALLOCATIONS:
+                ranks = baseline_ranks(method.allocation, tuner, seed, suite)
+            elif method.allocation in KEPT_LOSS_ALLOCATIONS:
+                ranks, training.kept_loss = kept_loss.keep_gate_allocation(model, task, seed, step, tuner)
             tick = time.perf_counter()
             training.report = tuner.reallocate(optimizer, step=step, seed=seed, ranks=ranks)
             training.reallocation_seconds = time.perf_counter() - tick
