@@ -26,6 +26,7 @@ uniform covers all, the energy it leaves), beside the shipped default's, on the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -163,11 +164,8 @@ def read_with_loss_values(suite: str, seed: int) -> dict:
 
 
 def running_min(values: list[float]) -> list[float]:
-    out, low = [], float("inf")
-    for v in values:
-        low = min(low, v)
-        out.append(low)
-    return out
+    """Each value the least of it and those before it."""
+    return list(itertools.accumulate(values, min))
 
 
 def kept(seen: dict) -> list[float]:

@@ -104,6 +104,11 @@ def concentration(kept: Sequence[float]) -> float:
     return total * total / (square * len(kept)) if square > 0 else 1.0
 
 
+def is_spread(kept: Sequence[float]) -> bool:
+    """Whether the kept loss is spread evenly enough over the modules that ``keepgate`` keeps uniform ranks."""
+    return concentration(kept) >= SPREAD_GATE
+
+
 def keep_mix_values(spectra: Sequence[Sequence[float]], kept: Sequence[float]) -> list[list[float]]:
     """Per module, rank ``j`` worth ``sigma_j^2 / sum sigma^2 * kept loss`` (the gradient spectrum's shape, the kept
     loss's size), with a vanishing ramp so ties keep each module's own order."""
@@ -124,9 +129,9 @@ def keep_gate_ranks(
     min_r: int,
     max_r: int,
 ) -> list[int]:
-    """``keepgate``'s ranks: uniform ``r`` where ``concentration(kept)`` reaches ``SPREAD_GATE``, else the budget
-    split by ``keep_mix_values`` within ``min_r..max_r``."""
-    if concentration(kept) >= SPREAD_GATE:
+    """``keepgate``'s ranks: uniform ``r`` where the kept loss ``is_spread``, else the budget split by
+    ``keep_mix_values`` within ``min_r..max_r``."""
+    if is_spread(kept):
         return [r] * len(kept)
     return list(allocate_by_spectrum(keep_mix_values(spectra, kept), costs, budget, min_r, max_r).ranks)
 
@@ -154,11 +159,10 @@ def keep_gate_allocation(model, task, seed: int, step: int, tuner, adapter: str 
         config.min_r,
         config.max_r,
     )
-    spread = concentration(kept)
     record: dict[str, Any] = {
         "modules": dict(zip(collector.names, kept)),
-        "spread": spread,
-        "gated": spread >= SPREAD_GATE,
+        "spread": concentration(kept),
+        "gated": is_spread(kept),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return dict(zip(collector.names, ranks)), record
